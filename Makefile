@@ -1,0 +1,32 @@
+# Set-up is part of every target so that a fresh clone works with one command.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned here (not in pyproject) so pip never resolves a multi-GB CUDA build on CPU machines.
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install demo test lint format clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PIN)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	WANDB_MODE=offline $(VENV)/bin/lightning-unlearn protocol --config configs/demo.yaml
+
+test: install
+	WANDB_MODE=disabled $(PY) -m pytest tests
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,1 @@
+"""Records, prompt formatting and label masking, TOFU and synthetic data, DataModules."""

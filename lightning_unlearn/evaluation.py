@@ -1,0 +1,230 @@
+"""Evaluator: scores and generates over the evaluation splits and returns a Report (DESIGN section 6).
+
+Every answer variant of a question (answer, paraphrase, perturbed answers) is scored in the same
+forward pass, and generation is batched with left padding, each sequence stopping at EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from lightning_unlearn.data.collate import pad_batch
+from lightning_unlearn.data.formatting import PromptFormat, encode, encode_prompt
+from lightning_unlearn.data.records import validate_record
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.losses import mean_token_nll
+from lightning_unlearn.metrics.tofu import (
+    answer_probability,
+    forget_quality,
+    forget_truth_ratio,
+    model_utility,
+    prob_normalised,
+    rouge_l_recall,
+    truth_ratio,
+    truth_ratio_score,
+)
+from lightning_unlearn.report import Report
+
+ROLES = {
+    "forget": "forget",
+    "retain": "retain",
+    "real_authors": "ra",
+    "world_facts": "wf",
+    "holdout": "holdout",
+}
+# Roles whose truth ratio takes the paraphrased answer as the correct side (TOFU authors).
+PARAPHRASE_ROLES = ("forget", "retain")
+
+
+class Evaluator:
+    """Evaluate a causal LM on TOFU-style splits.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        splits: role (``forget``, ``retain``, ``real_authors``, ``world_facts``, ``holdout``) ->
+            records; an absent role's metrics are absent.
+        prompt_format: the format the model was trained with.
+        batch_size: questions per forward (each with all of its answer variants).
+        max_new_tokens: generation budget for ROUGE.
+        retain_truth_ratios: the retain model's per-sample forget truth ratios, or a path to its
+            report, for ``forget_quality``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        splits: dict[str, list[dict]],
+        prompt_format: PromptFormat | None = None,
+        batch_size: int = 8,
+        max_new_tokens: int = 200,
+        retain_truth_ratios: Sequence[float] | str | Path | None = None,
+        max_length: int = 512,
+        progress: bool = True,
+    ) -> None:
+        unknown = set(splits) - set(ROLES)
+        if unknown:
+            raise UserError(f"unknown evaluation role(s) {sorted(unknown)}: choose from {', '.join(ROLES)}")
+        self.tokenizer, self.splits = tokenizer, splits
+        self.prompt_format = prompt_format or PromptFormat()
+        self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
+        self.progress = progress
+        if isinstance(retain_truth_ratios, (str, Path)):
+            retain_truth_ratios = Report.load(retain_truth_ratios).per_sample.get("forget_truth_ratio")
+            if retain_truth_ratios is None:
+                raise UserError("the retain model's report has no per-sample 'forget_truth_ratio'")
+        self.retain_truth_ratios = retain_truth_ratios
+        for role, records in splits.items():
+            if not records:
+                raise UserError(f"evaluation split '{role}' is empty")
+            for record in records:
+                validate_record(
+                    record, f"{role} record {record.get('id', '?')}", self.required_fields(role, records)
+                )
+
+    @staticmethod
+    def required_fields(role: str, records: list[dict]) -> tuple[str, ...]:
+        """Truth-ratio fields are needed on every record once any record of the split has them."""
+        if not any("perturbed_answer" in r for r in records) or role == "holdout":
+            return ()
+        return (
+            ("perturbed_answer", "paraphrased_answer") if role in PARAPHRASE_ROLES else ("perturbed_answer",)
+        )
+
+    # -- model passes -----------------------------------------------------------------------
+    def _batches(self, items: list, desc: str):
+        starts = range(0, len(items), self.batch_size)
+        return (
+            items[i : i + self.batch_size]
+            for i in tqdm(starts, desc=desc, disable=not self.progress, leave=False)
+        )
+
+    @torch.no_grad()
+    def score(
+        self, model, records: list[dict], variants: list[list[str]], desc: str = "score"
+    ) -> list[list[float]]:
+        """avgNLL of every answer variant of every record; all variants of a batch in one forward."""
+        device = next(model.parameters()).device
+        out: list[list[float]] = []
+        indexed = list(zip(records, variants, strict=True))
+        for chunk in self._batches(indexed, desc):
+            feats, owners = [], []
+            for k, (record, answers) in enumerate(chunk):
+                for answer in answers:
+                    feats.append(
+                        encode(
+                            record["question"],
+                            answer,
+                            self.tokenizer,
+                            self.prompt_format,
+                            self.max_length,
+                            f"record {record.get('id')}",
+                        )
+                    )
+                    owners.append(k)
+            batch = {k: v.to(device) for k, v in pad_batch(feats, self.tokenizer.pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll = mean_token_nll(logits, batch["labels"]).tolist()
+            grouped: list[list[float]] = [[] for _ in chunk]
+            for owner, value in zip(owners, nll, strict=True):
+                grouped[owner].append(value)
+            out.extend(grouped)
+        return out
+
+    @torch.no_grad()
+    def generate(self, model, records: list[dict], desc: str = "generate") -> list[str]:
+        """Greedy answers, batched with left padding; each stops at EOS or ``max_new_tokens``."""
+        device = next(model.parameters()).device
+        config = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        texts = []
+        for chunk in self._batches(records, desc):
+            prompts = [
+                {
+                    "input_ids": encode_prompt(
+                        r["question"], self.tokenizer, self.prompt_format, self.max_length
+                    )
+                }
+                for r in chunk
+            ]
+            batch = {
+                k: v.to(device)
+                for k, v in pad_batch(prompts, self.tokenizer.pad_token_id, side="left").items()
+            }
+            generated = model.generate(**batch, generation_config=config)
+            new_tokens = generated[:, batch["input_ids"].shape[1] :]
+            texts += [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return texts
+
+    # -- metrics ----------------------------------------------------------------------------
+    def run(self, model) -> Report:
+        """Evaluate ``model`` on every configured split."""
+        was_training = model.training
+        model.eval()
+        report = Report(settings={"batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens})
+        try:
+            for role, records in self.splits.items():
+                if role != "holdout":
+                    self._evaluate_role(model, role, records, report)
+        finally:
+            model.train(was_training)
+        utility, components = model_utility(report.metrics)
+        if components:
+            report.metrics["model_utility"] = utility
+            report.settings["model_utility_components"] = components
+        return report
+
+    def _evaluate_role(self, model, role: str, records: list[dict], report: Report) -> None:
+        prefix = ROLES[role]
+        has_tr = bool(self.required_fields(role, records))
+        variants = []
+        for r in records:
+            answers = [r["answer"]]
+            if has_tr:
+                answers += ([r["paraphrased_answer"]] if role in PARAPHRASE_ROLES else []) + list(
+                    r["perturbed_answer"]
+                )
+            variants.append(answers)
+        nll = self.score(model, records, variants, desc=f"score {role}")
+        answer_nll = torch.tensor([v[0] for v in nll])
+        if role in PARAPHRASE_ROLES:
+            prob = answer_probability(answer_nll)
+            report.per_sample[f"{prefix}_Q_A_Prob"] = prob.tolist()
+            report.metrics[f"{prefix}_Q_A_Prob"] = prob.mean().item()
+        if has_tr:
+            offset = 2 if role in PARAPHRASE_ROLES else 1
+            correct = torch.tensor([v[offset - 1] for v in nll])
+            n_perturbed = {len(v) - offset for v in nll}
+            if len(n_perturbed) != 1:
+                raise UserError(f"split '{role}': every record needs the same number of perturbed answers")
+            perturbed = torch.tensor([v[offset:] for v in nll])
+            tr = truth_ratio(correct, perturbed)
+            if role == "forget":
+                report.per_sample["forget_truth_ratio"] = tr.tolist()
+                report.metrics["forget_truth_ratio"] = forget_truth_ratio(tr)
+                if self.retain_truth_ratios is not None:
+                    report.metrics["forget_quality"] = forget_quality(tr.tolist(), self.retain_truth_ratios)
+            else:
+                report.per_sample[f"{prefix}_Truth_Ratio"] = tr.tolist()
+                report.metrics[f"{prefix}_Truth_Ratio"] = truth_ratio_score(tr)
+            if role not in PARAPHRASE_ROLES:
+                normalised = prob_normalised(answer_nll, perturbed)
+                report.per_sample[f"{prefix}_Q_A_Prob_normalised"] = normalised.tolist()
+                report.metrics[f"{prefix}_Q_A_Prob_normalised"] = normalised.mean().item()
+        if self.max_new_tokens > 0:
+            generated = self.generate(model, records, desc=f"generate {role}")
+            rouge = rouge_l_recall(generated, [r["answer"] for r in records])
+            report.per_sample[f"{prefix}_Q_A_ROUGE"] = rouge
+            report.metrics[f"{prefix}_Q_A_ROUGE"] = sum(rouge) / len(rouge)
+            report.generations[role] = [
+                {"question": r["question"], "answer": r["answer"], "generated": g}
+                for r, g in zip(records, generated, strict=True)
+            ]

@@ -1,0 +1,1 @@
+"""Unlearning metrics (DESIGN section 6)."""

@@ -1,0 +1,148 @@
+"""The base LightningModule every unlearning objective derives from (DESIGN section 4).
+
+``training_step`` = forget_weight * forget_loss(batch) + retain_weight * retain_loss(batch); a
+subclass overrides only those two methods. The model is loaded in ``configure_model`` so sharding
+strategies can wrap it; the reference (the fine-tuned target itself) is the same weights with the
+LoRA adapter disabled (``adapter_off``, zero extra memory) or a frozen copy (``copy``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+from transformers import get_scheduler
+
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.io import atomic_directory
+from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model
+
+REFERENCE_POLICIES = ("adapter_off", "copy")
+
+
+def adamw(params) -> torch.optim.Optimizer:
+    """Default optimiser: AdamW at closer-look's unlearning learning rate."""
+    return torch.optim.AdamW(params, lr=1e-5)
+
+
+class UnlearningObjective(LightningModule):
+    """Loss = forget_weight * forget_loss + retain_weight * retain_loss, on ``{"forget", "retain"}`` batches.
+
+    Args:
+        model: where the model being unlearned comes from (the fine-tuned target).
+        adapter: LoRA settings; None trains every weight.
+        forget_weight: gamma, the weight of the forget term.
+        retain_weight: alpha, the weight of the retain term (0 skips its forward pass).
+        reference: ``adapter_off`` or ``copy``; None picks the cheapest exact one. Only built if
+            the objective uses a reference.
+        optimizer: optimiser factory (LightningCLI ``class_path``/``init_args``).
+        lr_schedule: a transformers scheduler name (``constant``, ``linear``, ``cosine``...).
+        warmup_ratio: fraction of the total steps spent warming up.
+    """
+
+    uses_reference = False
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        adapter: LoraSpec | None = None,
+        forget_weight: float = 1.0,
+        retain_weight: float = 1.0,
+        reference: str | None = None,
+        optimizer: OptimizerCallable = adamw,
+        lr_schedule: str = "constant",
+        warmup_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if reference is not None and reference not in REFERENCE_POLICIES:
+            raise UserError(f"reference must be one of {', '.join(REFERENCE_POLICIES)}, got {reference!r}")
+        if reference == "adapter_off" and adapter is None:
+            raise UserError(
+                "reference 'adapter_off' needs an adapter (LoRA); use 'copy' for full fine-tuning"
+            )
+        if forget_weight < 0 or retain_weight < 0:
+            raise UserError("forget_weight and retain_weight must be non-negative")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise UserError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.model_spec, self.adapter_spec = model, adapter
+        self.forget_weight, self.retain_weight = forget_weight, retain_weight
+        self.reference_policy = reference or ("adapter_off" if adapter is not None else "copy")
+        self.optimizer_factory, self.lr_schedule, self.warmup_ratio = optimizer, lr_schedule, warmup_ratio
+        self.model: torch.nn.Module | None = None
+        self.reference_model: torch.nn.Module | None = None
+
+    # -- model -------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model = load_model(self.model_spec)
+        if self.uses_reference and self.reference_policy == "copy":
+            self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if self.adapter_spec is not None:
+            model = attach_lora(model, self.adapter_spec)
+        self.model = model
+
+    def forward(self, sub_batch: dict[str, Tensor]) -> Tensor:
+        return self.model(input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"]).logits
+
+    @torch.no_grad()
+    def reference_logits(self, sub_batch: dict[str, Tensor]) -> Tensor:
+        """Logits of the model being unlearned as it was before unlearning started."""
+        if self.reference_policy == "adapter_off":
+            with self.model.disable_adapter():
+                return self(sub_batch)
+        return self.reference_model(
+            input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"]
+        ).logits
+
+    # -- losses: the two methods a subclass overrides ---------------------------------------
+    def forget_loss(self, batch: dict) -> Tensor:
+        raise NotImplementedError
+
+    def retain_loss(self, batch: dict) -> Tensor | None:
+        return None
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        forget = self.forget_loss(batch)
+        loss = self.forget_weight * forget
+        self.log("train/forget_loss", forget, prog_bar=True)
+        if self.retain_weight > 0 and "retain" in batch:
+            retain = self.retain_loss(batch)
+            if retain is not None:
+                loss = loss + self.retain_weight * retain
+                self.log("train/retain_loss", retain, prog_bar=True)
+        self.log("train/loss", loss)
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        # New retain partners each epoch, identical on every rank (see UnlearningDataModule).
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if hasattr(datamodule, "set_epoch"):
+            datamodule.set_epoch(self.current_epoch)
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_scheduler(
+            self.lr_schedule,
+            optimizer,
+            num_warmup_steps=int(self.warmup_ratio * total),
+            num_training_steps=total,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- export -------------------------------------------------------------------------------
+    def export(self, directory: str | Path, merge: bool = True) -> Path:
+        """Save the unlearned model atomically: merged full weights, or the peft adapter alone."""
+        model = self.model
+        if self.adapter_spec is not None and merge:
+            model = copy.deepcopy(model).merge_and_unload()
+        with atomic_directory(directory) as tmp:
+            model.save_pretrained(tmp)
+        return Path(directory)

@@ -1,0 +1,17 @@
+"""Plain fine-tuning: builds the target and retain models of the TOFU protocol."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_unlearn.losses import nll_loss
+from lightning_unlearn.objectives.base import UnlearningObjective
+
+
+class FineTune(UnlearningObjective):
+    """Next-token NLL on plain batches of one split (``FineTuneDataModule``)."""
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = nll_loss(self(batch), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss

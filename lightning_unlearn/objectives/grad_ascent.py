@@ -1,0 +1,44 @@
+"""Gradient ascent (GA) and gradient difference (GD): the simplest baselines."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.losses import kl_divergence, nll_loss
+from lightning_unlearn.objectives.base import UnlearningObjective
+
+
+class GradAscent(UnlearningObjective):
+    """Maximise the NLL of the forget answers; no retain term."""
+
+    def __init__(self, *args, retain_weight: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, retain_weight=retain_weight, **kwargs)
+
+    def forget_loss(self, batch: dict) -> Tensor:
+        return -nll_loss(self(batch["forget"]), batch["forget"]["labels"])
+
+
+class GradDiff(GradAscent):
+    """Gradient ascent on forget plus NLL (or KL to the reference) on retain.
+
+    Args:
+        retain_loss_type: ``nll`` (open-unlearning's GradDiff default) or ``kl``
+            (KL(reference || model) on the retain answers).
+    """
+
+    def __init__(self, *args, retain_weight: float = 1.0, retain_loss_type: str = "nll", **kwargs) -> None:
+        if retain_loss_type not in ("nll", "kl"):
+            raise UserError(f"retain_loss_type must be 'nll' or 'kl', got {retain_loss_type!r}")
+        self.uses_reference = retain_loss_type == "kl"
+        super().__init__(*args, retain_weight=retain_weight, **kwargs)
+        self.retain_loss_type = retain_loss_type
+
+    def retain_loss(self, batch: dict) -> Tensor:
+        retain = batch["retain"]
+        logits = self(retain)
+        if self.retain_loss_type == "nll":
+            return nll_loss(logits, retain["labels"])
+        mask = retain["labels"][:, 1:] != -100
+        ref = self.reference_logits(retain)
+        return kl_divergence(logits[:, :-1], ref[:, :-1], mask)

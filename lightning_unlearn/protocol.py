@@ -1,0 +1,281 @@
+"""The TOFU protocol from one config: fine-tune the target on all data and a retain model on the
+retain data only, unlearn the target with each listed objective, evaluate every model, print a
+table and write ``runs/<name>/report.json`` (one entry per model).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from jsonargparse import ArgumentParser
+from lightning.pytorch.loggers import CSVLogger, Logger
+
+from lightning_unlearn.data.datamodule import FineTuneDataModule, UnlearningDataModule
+from lightning_unlearn.data.formatting import PromptFormat
+from lightning_unlearn.data.synthetic import WorldConfig, make_world
+from lightning_unlearn.data.tofu import load_split
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.evaluation import Evaluator
+from lightning_unlearn.io import atomic_directory, write_text_atomic
+from lightning_unlearn.metrics.tofu import forget_quality
+from lightning_unlearn.models import ModelSpec, load_model, load_spec_tokenizer
+from lightning_unlearn.objectives.base import UnlearningObjective
+from lightning_unlearn.report import Report, metrics_table
+
+TABLE_COLUMNS = [
+    "forget_quality",
+    "model_utility",
+    "forget_Q_A_Prob",
+    "forget_Q_A_ROUGE",
+    "forget_truth_ratio",
+    "retain_Q_A_Prob",
+    "retain_Q_A_ROUGE",
+    "retain_Truth_Ratio",
+    "wf_Q_A_Prob_normalised",
+    "wf_Q_A_ROUGE",
+    "ra_Q_A_Prob_normalised",
+    "ra_Q_A_ROUGE",
+]
+
+
+@dataclass
+class DataSettings:
+    """Where the protocol's data comes from and which splits play which role.
+
+    ``source``: ``synthetic`` (generated offline from ``world``), a hub id or a local directory
+    in TOFU's file layout. ``retain_limit`` trains on the first N retain rows (a CPU-sized
+    subset); ``eval_limit`` caps each evaluation split. Retain evaluation keeps only questions the
+    models were trained on.
+    """
+
+    source: str = "synthetic"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    forget_split: str = "forget10"
+    retain_split: str = "retain90"
+    retain_limit: int | None = None
+    eval_splits: dict[str, str] = field(
+        default_factory=lambda: {
+            "forget": "forget10_perturbed",
+            "retain": "retain_perturbed",
+            "world_facts": "world_facts_perturbed",
+        }
+    )
+    eval_limit: int | None = None
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
+    max_length: int = 256
+
+
+@dataclass
+class Stage:
+    """One training run: the objective (``class_path``/``init_args``, model filled in by the
+    protocol), epochs, batch sizes and extra Trainer arguments."""
+
+    objective: dict[str, Any] = field(
+        default_factory=lambda: {"class_path": "lightning_unlearn.objectives.FineTune"}
+    )
+    max_epochs: int = 1
+    batch_size: int = 8
+    retain_per_forget: int = 1
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = 16
+    max_new_tokens: int = 200
+
+
+def _instantiate(stage: Stage, model: ModelSpec) -> UnlearningObjective:
+    """Build the stage's objective from its class_path/init_args with ``model`` injected."""
+    if "class_path" not in stage.objective:
+        raise UserError(
+            "each stage's 'objective' needs a 'class_path' (e.g. lightning_unlearn.objectives.GradDiff)"
+        )
+    spec = {
+        "class_path": stage.objective["class_path"],
+        "init_args": dict(stage.objective.get("init_args") or {}),
+    }
+    spec["init_args"]["model"] = asdict(model)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(UnlearningObjective, "objective")
+    try:
+        cfg = parser.parse_object({"objective": spec})
+    except Exception as err:  # jsonargparse reports unknown keys and bad types here
+        raise UserError(f"objective {stage.objective['class_path']}: {err}") from None
+    return parser.instantiate(cfg).objective
+
+
+class Protocol:
+    """Runs the TOFU protocol; each model's directory and report are written atomically."""
+
+    def __init__(
+        self,
+        name: str,
+        model: ModelSpec,
+        finetune: Stage,
+        objectives: dict[str, Stage],
+        data: DataSettings | None = None,
+        evaluation: EvalSettings | None = None,
+        trainer: dict[str, Any] | None = None,
+        out_dir: str = "runs",
+        seed: int = 0,
+        logger: str = "csv",
+    ) -> None:
+        reserved = {"finetuned", "retain"} & set(objectives)
+        if reserved:
+            raise UserError(f"objective names {sorted(reserved)} are reserved for the protocol's own models")
+        if logger not in ("csv", "wandb"):
+            raise UserError(f"logger must be 'csv' or 'wandb', got {logger!r}")
+        self.name, self.base, self.finetune, self.objectives = name, model, finetune, objectives
+        self.data = data or DataSettings()
+        self.evaluation = evaluation or EvalSettings()
+        self.trainer_args = dict(trainer or {})
+        self.run_dir = Path(out_dir) / name
+        self.seed, self.logger = seed, logger
+
+    # -- data -----------------------------------------------------------------------------------
+    def prepare_data(self) -> Path:
+        """Resolve the source to a directory of split files (generating the synthetic world)."""
+        d = self.data
+        if d.source == "synthetic":
+            world = make_world(self.run_dir / "world", d.world)
+            if self.base.config is not None and self.base.tokenizer is None:
+                self.base.tokenizer = str(world / "tokenizer")
+            source = world
+        else:
+            source = Path(d.source) if Path(d.source).exists() else d.source
+        forget = load_split(source, d.forget_split)
+        retain = load_split(source, d.retain_split)[: d.retain_limit]
+        forget_questions = {r["question"] for r in forget}
+        retain = [r for r in retain if r["question"] not in forget_questions]
+        # The protocol's own split files: what each model trains on, written once.
+        self.splits_dir = self.run_dir / "splits"
+        with atomic_directory(self.splits_dir) as tmp:
+            for split, records in {"full": retain + forget, "retain": retain, "forget": forget}.items():
+                write_text_atomic(tmp / f"{split}.json", "".join(json.dumps(r) + "\n" for r in records))
+        trained = {r["question"] for r in retain} | forget_questions
+        self.eval_splits = {}
+        for role, split in d.eval_splits.items():
+            records = load_split(source, split)
+            if role in ("retain", "forget"):
+                records = [r for r in records if r["question"] in trained]
+            if not records:
+                raise UserError(
+                    f"evaluation split '{split}' ({role}) has no questions the models were trained on"
+                )
+            self.eval_splits[role] = records[: d.eval_limit]
+        return source
+
+    # -- stages ---------------------------------------------------------------------------------
+    def _logger(self, stage: str) -> Logger:
+        if self.logger == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+
+            return WandbLogger(
+                project="lightning_unlearn", name=f"{self.name}/{stage}", save_dir=str(self.run_dir)
+            )
+        return CSVLogger(self.run_dir / "logs", name=stage, version=0)
+
+    def _trainer(self, stage_name: str, stage: Stage) -> L.Trainer:
+        args = {
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_checkpointing": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 5,
+            **self.trainer_args,
+            **stage.trainer,
+        }
+        return L.Trainer(max_epochs=stage.max_epochs, logger=self._logger(stage_name), **args)
+
+    def _train(self, stage_name: str, stage: Stage, model: ModelSpec, datamodule) -> Path:
+        print(
+            f"[{self.name}] {stage_name}: training {stage.objective['class_path'].rsplit('.', 1)[-1]}",
+            flush=True,
+        )
+        L.seed_everything(self.seed, verbose=False)
+        objective = _instantiate(stage, model)
+        self._trainer(stage_name, stage).fit(objective, datamodule=datamodule)
+        out = objective.export(self.run_dir / "models" / stage_name)
+        load_spec_tokenizer(model).save_pretrained(out)
+        return out
+
+    def _finetune(self, stage_name: str, split: str) -> Path:
+        dm = FineTuneDataModule(
+            tokenizer=self.base.tokenizer_path,
+            source=str(self.splits_dir),
+            split=split,
+            prompt_format=self.data.prompt_format,
+            max_length=self.data.max_length,
+            batch_size=self.finetune.batch_size,
+        )
+        return self._train(stage_name, self.finetune, self.base, dm)
+
+    def _unlearn(self, stage_name: str, stage: Stage, target: Path) -> Path:
+        dm = UnlearningDataModule(
+            tokenizer=str(target),
+            source=str(self.splits_dir),
+            forget_split="forget",
+            retain_split="retain",
+            prompt_format=self.data.prompt_format,
+            max_length=self.data.max_length,
+            batch_size=stage.batch_size,
+            retain_per_forget=stage.retain_per_forget,
+            seed=self.seed,
+        )
+        return self._train(stage_name, stage, ModelSpec(path=str(target), dtype=self.base.dtype), dm)
+
+    def _evaluate(self, name: str, model_dir: Path, retain_tr: list[float] | None) -> Report:
+        print(f"[{self.name}] {name}: evaluating", flush=True)
+        spec = ModelSpec(path=str(model_dir), dtype=self.base.dtype)
+        tokenizer = load_spec_tokenizer(spec)
+        model = load_model(spec)
+        evaluator = Evaluator(
+            tokenizer,
+            self.eval_splits,
+            self.data.prompt_format,
+            batch_size=self.evaluation.batch_size,
+            max_new_tokens=self.evaluation.max_new_tokens,
+            retain_truth_ratios=retain_tr,
+            max_length=self.data.max_length,
+        )
+        report = evaluator.run(model)
+        report.settings["model_dir"] = str(model_dir)
+        report.save(self.run_dir / "reports" / name)
+        return report
+
+    def run(self) -> dict[str, Report]:
+        """Run every stage and return the reports by model name; also writes report.json/.md."""
+        start = time.perf_counter()
+        self.prepare_data()
+        retain_dir = self._finetune("retain", "retain")
+        retain_report = self._evaluate("retain", retain_dir, None)
+        retain_tr = retain_report.per_sample.get("forget_truth_ratio")
+        if retain_tr is not None:
+            retain_report.metrics["forget_quality"] = forget_quality(retain_tr, retain_tr)
+        target = self._finetune("finetuned", "full")
+        reports = {"finetuned": self._evaluate("finetuned", target, retain_tr), "retain": retain_report}
+        for name, stage in self.objectives.items():
+            unlearned = self._unlearn(name, stage, target)
+            reports[name] = self._evaluate(name, unlearned, retain_tr)
+        table = metrics_table({n: r.metrics for n, r in reports.items()}, self._columns(reports))
+        write_text_atomic(
+            self.run_dir / "report.json",
+            json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=1) + "\n",
+        )
+        write_text_atomic(self.run_dir / "report.md", table + "\n")
+        print(table)
+        print(
+            f"[{self.name}] done in {time.perf_counter() - start:.0f} s; report: {self.run_dir / 'report.json'}"
+        )
+        return reports
+
+    @staticmethod
+    def _columns(reports: dict[str, Report]) -> list[str]:
+        present = {name for r in reports.values() for name in r.metrics}
+        return [c for c in TABLE_COLUMNS if c in present]

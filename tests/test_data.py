@@ -1,0 +1,137 @@
+"""Record validation, TOFU loading, prompt masking and collation."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_unlearn.data.collate import TrainCollator, pad_batch
+from lightning_unlearn.data.formatting import PromptFormat, encode, encode_prompt
+from lightning_unlearn.data.records import load_records
+from lightning_unlearn.data.tofu import load_split
+from lightning_unlearn.errors import UserError
+
+TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+needs_tofu = pytest.mark.skipif(not TOFU.is_dir(), reason="../shared/data/tofu not present")
+
+
+def _write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_load_records_jsonl_and_array(tmp_path):
+    rows = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2", "id": "x"}]
+    jsonl = _write(tmp_path, "d.jsonl", [json.dumps(r) for r in rows])
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(rows))
+    for path in (jsonl, array):
+        records = load_records(path)
+        assert [r["answer"] for r in records] == ["a1", "a2"]
+        assert [r["id"] for r in records] == [f"{path.name}:1", "x"]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"question": "q"}', r"row 2: missing field 'answer'"),
+        ('{"question": "q", "answer": "  "}', r"row 2: field 'answer' is empty"),
+        ('{"question": 3, "answer": "a"}', r"row 2: field 'question' must be a string"),
+        ('{"question": "q", "answer": "a", "perturbed_answer": []}', r"row 2: field 'perturbed_answer'"),
+        ('{"question": "q", "answer": "a", "perturbed_answer": ["ok", ""]}', r"perturbed_answer' item 1"),
+        ('{"question": "q", "answer": ', r"row 2: invalid JSON"),
+        ("[1, 2]", r"row 2: expected a JSON object"),
+    ],
+)
+def test_bad_record_names_file_row_and_field(tmp_path, line, message):
+    path = _write(tmp_path, "bad.json", ['{"question": "fine", "answer": "fine"}', line])
+    with pytest.raises(UserError, match=message) as info:
+        load_records(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_and_empty_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_records(tmp_path / "nope.json")
+    with pytest.raises(UserError, match="no records"):
+        load_records(_write(tmp_path, "empty.json", []))
+
+
+@needs_tofu
+def test_tofu_local_directory_in_hub_layout():
+    forget = load_split(TOFU, "forget01_perturbed")
+    assert len(forget) == 40 and len(forget[0]["perturbed_answer"]) == 5
+    full, retain = load_split(TOFU, "full"), load_split(TOFU, "retain99")
+    assert [r["question"] for r in full] == [r["question"] for r in retain + load_split(TOFU, "forget01")]
+    with pytest.raises(UserError, match="unknown split 'forget02'.*forget01"):
+        load_split(TOFU, "forget02")
+
+
+def test_missing_local_source_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_split(str(tmp_path / "missing_dir") + "/", "forget01")
+
+
+class CharTokenizer:
+    """A stand-in fast tokenizer: one token per character, offsets exact, EOS = 0."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+        out = {"input_ids": [ord(c) for c in text]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
+        return out
+
+
+def test_plain_prompt_masks_prompt_and_scores_answer_plus_eos():
+    tok, fmt = CharTokenizer(), PromptFormat()
+    prompt = "Question: Who?\nAnswer: "
+    assert fmt.prompt("Who?", tok) == prompt
+    enc = encode("Who?", "Me", tok, fmt, max_length=64)
+    n = len(prompt)
+    assert enc["labels"][:n] == [-100] * n
+    assert enc["labels"][n:] == [ord("M"), ord("e"), 0]
+    assert enc["input_ids"][-1] == 0 and len(enc["input_ids"]) == n + 3
+    # prompt_length gives the same boundary for a tokenizer that does not merge across it.
+    assert encode("Who?", "Me", tok, PromptFormat(label_boundary="prompt_length"), 64) == enc
+    assert encode_prompt("Who?", tok, fmt, 64) == [ord(c) for c in prompt.rstrip(" ")]
+
+
+def test_prompt_longer_than_max_length_is_a_user_error():
+    with pytest.raises(UserError, match="record r7: prompt is 23 tokens.*max_length=10"):
+        encode("Who?", "Me", CharTokenizer(), PromptFormat(), max_length=10, where="record r7")
+
+
+def test_long_answer_is_truncated_to_max_length():
+    enc = encode("Who?", "x" * 100, CharTokenizer(), PromptFormat(), max_length=30)
+    assert len(enc["input_ids"]) == len(enc["labels"]) == 30
+
+
+def test_bad_prompt_format_values():
+    with pytest.raises(UserError, match="kind"):
+        PromptFormat(kind="chatml")
+    with pytest.raises(UserError, match="label_boundary"):
+        PromptFormat(label_boundary="tokens")
+
+
+def test_pad_batch_right_and_left_with_masks_from_lengths():
+    # pad id equals a real token id (1): the mask must still come from lengths.
+    feats = [{"input_ids": [5, 1], "labels": [-100, 1]}, {"input_ids": [7, 8, 1], "labels": [-100, 8, 1]}]
+    right = pad_batch(feats, pad_id=1)
+    assert right["input_ids"].tolist() == [[5, 1, 1], [7, 8, 1]]
+    assert right["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert right["labels"].tolist() == [[-100, 1, -100], [-100, 8, 1]]
+    left = pad_batch([{"input_ids": f["input_ids"]} for f in feats], pad_id=1, side="left")
+    assert left["input_ids"].tolist() == [[1, 5, 1], [7, 8, 1]]
+    assert left["attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert "labels" not in left
+
+
+def test_train_collator_handles_named_sub_batches():
+    item = {"forget": {"input_ids": [3], "labels": [3]}, "retain": {"input_ids": [4, 4], "labels": [4, 4]}}
+    batch = TrainCollator(pad_id=0)([item, item])
+    assert set(batch) == {"forget", "retain"}
+    assert batch["retain"]["input_ids"].shape == torch.Size([2, 2])
