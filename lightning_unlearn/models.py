@@ -32,8 +32,10 @@ class ModelSpec:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.path is None and self.config is None:
-            raise UserError("model: give either 'path' (hub id, directory or .gguf file) or 'config'")
+        if (self.path is None) == (self.config is None):
+            raise UserError(
+                "model: give either 'path' (hub id, directory or .gguf file) or 'config', not both"
+            )
         if self.dtype not in DTYPES:
             raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.config is not None and "model_type" not in self.config:

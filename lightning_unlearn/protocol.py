@@ -5,14 +5,14 @@ table and write ``runs/<name>/report.json`` (one entry per model).
 
 from __future__ import annotations
 
+import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse import ArgumentParser
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from lightning_unlearn.data.datamodule import FineTuneDataModule, UnlearningDataModule
@@ -24,7 +24,7 @@ from lightning_unlearn.evaluation import Evaluator
 from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality
 from lightning_unlearn.models import ModelSpec, load_model, load_spec_tokenizer
-from lightning_unlearn.objectives.base import UnlearningObjective
+from lightning_unlearn.objectives import FineTune, UnlearningObjective
 from lightning_unlearn.report import Report, metrics_table
 
 TABLE_COLUMNS = [
@@ -72,12 +72,10 @@ class DataSettings:
 
 @dataclass
 class Stage:
-    """One training run: the objective (``class_path``/``init_args``, model filled in by the
-    protocol), epochs, batch sizes and extra Trainer arguments."""
+    """One training run: the objective (``class_path``/``init_args``; its ``model`` is filled in by
+    the protocol), epochs, batch sizes and extra Trainer arguments."""
 
-    objective: dict[str, Any] = field(
-        default_factory=lambda: {"class_path": "lightning_unlearn.objectives.FineTune"}
-    )
+    objective: UnlearningObjective = field(default_factory=FineTune)
     max_epochs: int = 1
     batch_size: int = 8
     retain_per_forget: int = 1
@@ -88,26 +86,6 @@ class Stage:
 class EvalSettings:
     batch_size: int = 16
     max_new_tokens: int = 200
-
-
-def _instantiate(stage: Stage, model: ModelSpec) -> UnlearningObjective:
-    """Build the stage's objective from its class_path/init_args with ``model`` injected."""
-    if "class_path" not in stage.objective:
-        raise UserError(
-            "each stage's 'objective' needs a 'class_path' (e.g. lightning_unlearn.objectives.GradDiff)"
-        )
-    spec = {
-        "class_path": stage.objective["class_path"],
-        "init_args": dict(stage.objective.get("init_args") or {}),
-    }
-    spec["init_args"]["model"] = asdict(model)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(UnlearningObjective, "objective")
-    try:
-        cfg = parser.parse_object({"objective": spec})
-    except Exception as err:  # jsonargparse reports unknown keys and bad types here
-        raise UserError(f"objective {stage.objective['class_path']}: {err}") from None
-    return parser.instantiate(cfg).objective
 
 
 class Protocol:
@@ -194,12 +172,10 @@ class Protocol:
         return L.Trainer(max_epochs=stage.max_epochs, logger=self._logger(stage_name), **args)
 
     def _train(self, stage_name: str, stage: Stage, model: ModelSpec, datamodule) -> Path:
-        print(
-            f"[{self.name}] {stage_name}: training {stage.objective['class_path'].rsplit('.', 1)[-1]}",
-            flush=True,
-        )
+        print(f"[{self.name}] {stage_name}: training {type(stage.objective).__name__}", flush=True)
         L.seed_everything(self.seed, verbose=False)
-        objective = _instantiate(stage, model)
+        objective = copy.deepcopy(stage.objective)  # a stage may run twice (target and retain)
+        objective.model_spec = model
         self._trainer(stage_name, stage).fit(objective, datamodule=datamodule)
         out = objective.export(self.run_dir / "models" / stage_name)
         load_spec_tokenizer(model).save_pretrained(out)

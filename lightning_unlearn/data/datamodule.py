@@ -12,7 +12,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn.data.collate import TrainCollator
-from lightning_unlearn.data.formatting import PromptFormat, encode
+from lightning_unlearn.data.formatting import PLAIN, PromptFormat, encode
 from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
@@ -75,14 +75,14 @@ class FineTuneDataModule(LightningDataModule):
         tokenizer: str,
         source: str = "locuslab/TOFU",
         split: str = "full",
-        prompt_format: PromptFormat | None = None,
+        prompt_format: PromptFormat = PLAIN,
         max_length: int = 256,
         batch_size: int = 16,
         num_workers: int = 0,
     ) -> None:
         super().__init__()
         self.tokenizer_path, self.source, self.split = tokenizer, source, split
-        self.prompt_format = prompt_format or PromptFormat()
+        self.prompt_format = prompt_format
         self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
         self.items: list[dict] | None = None
 
@@ -112,7 +112,7 @@ class UnlearningDataModule(LightningDataModule):
         source: str = "locuslab/TOFU",
         forget_split: str = "forget01",
         retain_split: str | None = "retain99",
-        prompt_format: PromptFormat | None = None,
+        prompt_format: PromptFormat = PLAIN,
         max_length: int = 256,
         batch_size: int = 4,
         retain_per_forget: int = 1,
@@ -124,7 +124,7 @@ class UnlearningDataModule(LightningDataModule):
             raise UserError("batch_size and retain_per_forget must be at least 1")
         self.tokenizer_path, self.source = tokenizer, source
         self.forget_split, self.retain_split = forget_split, retain_split
-        self.prompt_format = prompt_format or PromptFormat()
+        self.prompt_format = prompt_format
         self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
         self.retain_per_forget, self.seed = retain_per_forget, seed
         self.dataset: PairedDataset | None = None

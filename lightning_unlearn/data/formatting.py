@@ -16,7 +16,7 @@ from lightning_unlearn.errors import UserError
 from lightning_unlearn.losses import IGNORE_INDEX
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptFormat:
     """How a question becomes a prompt. ``kind``: "plain" or "chat" (the tokenizer's chat template)."""
 
@@ -49,6 +49,9 @@ class PromptFormat:
     def add_special_tokens(self) -> bool:
         # A chat template already contains its special tokens.
         return self.kind == "plain"
+
+
+PLAIN = PromptFormat()
 
 
 def encode(

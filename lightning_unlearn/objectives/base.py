@@ -33,7 +33,8 @@ class UnlearningObjective(LightningModule):
     """Loss = forget_weight * forget_loss + retain_weight * retain_loss, on ``{"forget", "retain"}`` batches.
 
     Args:
-        model: where the model being unlearned comes from (the fine-tuned target).
+        model: where the model being unlearned comes from (the fine-tuned target); may be set
+            after construction (the protocol does), but must be set before ``configure_model``.
         adapter: LoRA settings; None trains every weight.
         forget_weight: gamma, the weight of the forget term.
         retain_weight: alpha, the weight of the retain term (0 skips its forward pass).
@@ -48,7 +49,7 @@ class UnlearningObjective(LightningModule):
 
     def __init__(
         self,
-        model: ModelSpec,
+        model: ModelSpec | None = None,
         adapter: LoraSpec | None = None,
         forget_weight: float = 1.0,
         retain_weight: float = 1.0,
@@ -79,6 +80,8 @@ class UnlearningObjective(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        if self.model_spec is None:
+            raise UserError(f"{type(self).__name__}: no model given (set model.path or model.config)")
         model = load_model(self.model_spec)
         if self.uses_reference and self.reference_policy == "copy":
             self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)

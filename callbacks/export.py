@@ -1,0 +1,27 @@
+"""ExportModel: save the unlearned model (peft adapter or merged weights) when ``fit`` ends."""
+
+from __future__ import annotations
+
+from lightning import Callback, LightningModule, Trainer
+
+
+class ExportModel(Callback):
+    """Write ``pl_module.export(dirpath, merge)`` on rank 0 at the end of fit, with the tokenizer.
+
+    Args:
+        dirpath: output directory, replaced atomically.
+        merge: merge a LoRA adapter into the weights (a plain HF model directory); False saves the
+            peft adapter alone.
+        tokenizer: tokenizer to save beside the model (defaults to the model's own).
+    """
+
+    def __init__(self, dirpath: str, merge: bool = False, tokenizer: str | None = None) -> None:
+        self.dirpath, self.merge, self.tokenizer = dirpath, merge, tokenizer
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from lightning_unlearn.data.tokenizer import load_tokenizer
+
+        out = pl_module.export(self.dirpath, merge=self.merge)
+        load_tokenizer(self.tokenizer or pl_module.model_spec.tokenizer_path).save_pretrained(out)

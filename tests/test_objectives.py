@@ -1,0 +1,157 @@
+"""Objectives: each training_step against an independent computation, and its direction of travel."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.losses import max_entropy_loss
+from lightning_unlearn.models import LoraSpec, ModelSpec
+from lightning_unlearn.objectives import FineTune, GradAscent, GradDiff, MaxEntropy
+
+
+def _batch(dm):
+    return next(iter(dm.train_dataloader()))
+
+
+def _hf_nll(model, sub):
+    """Hugging Face's own causal-LM loss: the independent reference for our nll_loss."""
+    return model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], labels=sub["labels"]).loss
+
+
+def _build(cls, spec, **kwargs):
+    objective = cls(model=spec, **kwargs)
+    objective.configure_model()
+    return objective
+
+
+def _sgd_step(objective, batch, lr=0.5):
+    objective.model.zero_grad()
+    objective.training_step(batch, 0).backward()
+    with torch.no_grad():
+        for p in objective.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+
+
+@pytest.fixture(autouse=True)
+def _no_logging(monkeypatch):
+    # training_step logs through self.log; outside a Trainer that is a no-op we do not need.
+    monkeypatch.setattr(L.LightningModule, "log", lambda *a, **k: None)
+
+
+def test_grad_diff_loss_is_minus_forget_nll_plus_alpha_retain_nll(tiny_spec, unlearning_data):
+    torch.manual_seed(0)
+    batch = _batch(unlearning_data)
+    gd = _build(GradDiff, tiny_spec, forget_weight=1.5, retain_weight=0.7)
+    expected = -1.5 * _hf_nll(gd.model, batch["forget"]) + 0.7 * _hf_nll(gd.model, batch["retain"])
+    torch.testing.assert_close(gd.training_step(batch, 0), expected)
+    ga = _build(GradAscent, tiny_spec)
+    torch.testing.assert_close(ga.training_step(batch, 0), -_hf_nll(ga.model, batch["forget"]))
+
+
+def test_grad_ascent_step_raises_forget_nll(tiny_spec, unlearning_data):
+    batch = _batch(unlearning_data)
+    ga = _build(GradAscent, tiny_spec)
+    before = _hf_nll(ga.model, batch["forget"]).item()
+    _sgd_step(ga, batch)
+    assert _hf_nll(ga.model, batch["forget"]).item() > before + 1e-3
+
+
+def test_grad_diff_step_lowers_loss_and_raises_forget_nll(tiny_spec, unlearning_data):
+    batch = _batch(unlearning_data)
+    gd = _build(GradDiff, tiny_spec)
+    before_forget = _hf_nll(gd.model, batch["forget"]).item()
+    before = gd.training_step(batch, 0).item()
+    _sgd_step(gd, batch, lr=0.1)
+    assert gd.training_step(batch, 0).item() < before
+    assert _hf_nll(gd.model, batch["forget"]).item() > before_forget
+
+
+def test_max_entropy_step_moves_forget_towards_uniform(tiny_spec, unlearning_data):
+    batch = _batch(unlearning_data)
+    # Make the starting model confident (far from uniform) so the direction is unambiguous.
+    me = _build(MaxEntropy, tiny_spec, forget_weight=1.0, retain_weight=0.0)
+    with torch.no_grad():
+        me.model.lm_head.weight.mul_(50)
+    forget = batch["forget"]
+
+    def kl_to_uniform():
+        return max_entropy_loss(me(forget), forget["labels"]).item()
+
+    before = kl_to_uniform()
+    torch.testing.assert_close(me.training_step(batch, 0).item(), before, rtol=1e-5, atol=1e-6)
+    _sgd_step(me, batch, lr=1e-3)
+    assert kl_to_uniform() < before
+
+
+def test_finetune_step_lowers_nll(tiny_spec, world_dir, tokenizer_dir):
+    from lightning_unlearn.data.datamodule import FineTuneDataModule
+
+    dm = FineTuneDataModule(
+        tokenizer=tokenizer_dir, source=str(world_dir), split="full", batch_size=8, max_length=64
+    )
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    ft = _build(FineTune, tiny_spec)
+    before = ft.training_step(batch, 0).item()
+    torch.testing.assert_close(ft.training_step(batch, 0), _hf_nll(ft.model, batch))
+    _sgd_step(ft, batch, lr=1.0)
+    assert ft.training_step(batch, 0).item() < before
+
+
+@pytest.mark.parametrize("policy", ["adapter_off", "copy"])
+def test_reference_is_the_model_before_unlearning(tiny_spec, unlearning_data, policy):
+    batch = _batch(unlearning_data)
+    adapter = LoraSpec(r=4, alpha=8) if policy == "adapter_off" else None
+    gd = _build(GradDiff, tiny_spec, adapter=adapter, reference=policy, retain_loss_type="kl")
+    original = copy.deepcopy(gd.model if adapter is None else gd.model.get_base_model())
+    retain = batch["retain"]
+    # KL to the reference is zero before any update...
+    assert gd.retain_loss(batch).item() == pytest.approx(0.0, abs=1e-6)
+    for _ in range(2):
+        _sgd_step(gd, batch, lr=0.5)
+    # ...and afterwards the reference still returns the original model's logits, not the current ones.
+    with torch.no_grad():
+        want = original(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
+    torch.testing.assert_close(gd.reference_logits(retain), want)
+    assert not torch.allclose(gd(retain), want, atol=1e-4)
+    assert gd.retain_loss(batch).item() > 1e-6
+
+
+def test_lora_trains_only_the_adapter_and_export_merges_exactly(tiny_spec, unlearning_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    batch = _batch(unlearning_data)
+    ga = _build(GradAscent, tiny_spec, adapter=LoraSpec(r=4, alpha=8))
+    trainable = [n for n, p in ga.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    _sgd_step(ga, batch, lr=0.5)
+    merged = AutoModelForCausalLM.from_pretrained(ga.export(tmp_path / "merged"))
+    forget = batch["forget"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).logits,
+            ga(forget),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+
+def test_bad_objective_settings_are_user_errors(tiny_spec):
+    with pytest.raises(UserError, match="adapter_off.*needs an adapter"):
+        GradDiff(model=tiny_spec, reference="adapter_off")
+    with pytest.raises(UserError, match="reference must be one of"):
+        GradDiff(model=tiny_spec, reference="frozen")
+    with pytest.raises(UserError, match="retain_loss_type"):
+        GradDiff(model=tiny_spec, retain_loss_type="mse")
+    with pytest.raises(UserError, match="positions"):
+        MaxEntropy(model=tiny_spec, positions="all")
+    with pytest.raises(UserError, match="r must be at least 1"):
+        LoraSpec(r=0)
+    with pytest.raises(UserError, match="either 'path'"):
+        ModelSpec()

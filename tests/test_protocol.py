@@ -1,0 +1,81 @@
+"""The TOFU protocol end to end on a miniature synthetic world with a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_LLAMA
+
+from lightning_unlearn.data.synthetic import WorldConfig
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.models import ModelSpec
+from lightning_unlearn.objectives import FineTune, GradAscent, GradDiff
+from lightning_unlearn.protocol import DataSettings, EvalSettings, Protocol, Stage
+
+
+def _adamw(lr: float):
+    import torch
+
+    return lambda params: torch.optim.AdamW(params, lr=lr)
+
+
+def _protocol(tmp_path, **overrides) -> Protocol:
+    settings = {
+        "name": "mini",
+        "model": ModelSpec(config=dict(TINY_LLAMA, hidden_size=64, intermediate_size=128)),
+        "finetune": Stage(objective=FineTune(optimizer=_adamw(3e-3)), max_epochs=12, batch_size=16),
+        "objectives": {
+            "ga": Stage(objective=GradAscent(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
+            "gd": Stage(objective=GradDiff(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
+        },
+        "data": DataSettings(
+            world=WorldConfig(
+                seed=1, n_authors=10, n_forget_authors=1, n_world_facts=10, n_eval_retain_authors=3
+            ),
+            eval_splits={
+                "forget": "forget10_perturbed",
+                "retain": "retain_perturbed",
+                "world_facts": "world_facts_perturbed",
+            },
+            max_length=64,
+        ),
+        "evaluation": EvalSettings(batch_size=32, max_new_tokens=8),
+        "trainer": {"enable_progress_bar": False},
+        "out_dir": str(tmp_path / "runs"),
+        **overrides,
+    }
+    return Protocol(**settings)
+
+
+def test_protocol_writes_one_report_entry_per_model(tmp_path):
+    reports = _protocol(tmp_path).run()
+    run = tmp_path / "runs" / "mini"
+    saved = json.loads((run / "report.json").read_text())
+    assert list(saved) == ["finetuned", "retain", "ga", "gd"]
+    for name, entry in saved.items():
+        assert entry["metrics"] == pytest.approx(reports[name].metrics)
+        assert (run / "models" / name / "config.json").is_file()
+        assert (run / "reports" / name / "report.md").is_file()
+        for metric in ("forget_quality", "model_utility", "forget_truth_ratio", "retain_Q_A_ROUGE"):
+            assert 0.0 <= entry["metrics"][metric] <= 1.0
+    # The retain model is the reference distribution: KS of a sample against itself.
+    assert saved["retain"]["metrics"]["forget_quality"] == 1.0
+    # The target was trained on the forget answers, the retain model was not.
+    assert saved["finetuned"]["metrics"]["forget_Q_A_Prob"] > saved["retain"]["metrics"]["forget_Q_A_Prob"]
+    # Gradient ascent lowers the probability of the forget answers.
+    assert saved["ga"]["metrics"]["forget_Q_A_Prob"] < saved["finetuned"]["metrics"]["forget_Q_A_Prob"]
+    # Splits: the target's training set is retain + forget, and forget is its last rows.
+    full = (run / "splits" / "full.json").read_text().splitlines()
+    forget = (run / "splits" / "forget.json").read_text().splitlines()
+    assert full[-len(forget) :] == forget
+    assert "| ga |" in (run / "report.md").read_text()
+
+
+def test_protocol_bad_data_leaves_no_complete_looking_output(tmp_path):
+    data = DataSettings(source=str(tmp_path / "missing_dir"))
+    with pytest.raises(UserError, match="does not exist"):
+        _protocol(tmp_path, data=data).run()
+    assert not (tmp_path / "runs" / "mini" / "report.json").exists()
+    with pytest.raises(UserError, match="reserved"):
+        _protocol(tmp_path, objectives={"retain": Stage(objective=GradAscent())})
