@@ -166,6 +166,7 @@ class Protocol:
             "enable_checkpointing": False,
             "enable_model_summary": False,
             "log_every_n_steps": 5,
+            "limit_val_batches": 0,  # the protocol evaluates with the Evaluator instead
             **self.trainer_args,
             **stage.trainer,
         }

@@ -10,6 +10,7 @@ from lightning_unlearn.data.collate import TrainCollator, pad_batch
 from lightning_unlearn.data.formatting import PromptFormat, encode, encode_prompt
 from lightning_unlearn.data.records import load_records
 from lightning_unlearn.data.tofu import load_split
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
 
 TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
@@ -135,3 +136,57 @@ def test_train_collator_handles_named_sub_batches():
     batch = TrainCollator(pad_id=0)([item, item])
     assert set(batch) == {"forget", "retain"}
     assert batch["retain"]["input_ids"].shape == torch.Size([2, 2])
+
+
+def test_unlearning_batches_with_refusals(world_dir, tokenizer_dir, tmp_path):
+    from lightning_unlearn.data.datamodule import UnlearningDataModule, load_refusals, refusal_records
+
+    def module(**kwargs):
+        dm = UnlearningDataModule(
+            tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10", retain_split="retain90",
+            max_length=64, batch_size=3, retain_per_forget=2, **kwargs,
+        )  # fmt: skip
+        dm.setup()
+        return dm
+
+    builtin = load_refusals("builtin")
+    assert len(builtin) >= 20
+    dm = module(refusals="builtin", seed=0)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"forget", "retain", "forget_idk"}
+    assert batch["retain"]["input_ids"].shape[0] == 2 * batch["forget"]["input_ids"].shape[0]
+    tok = load_tokenizer(tokenizer_dir)
+    forget_records = load_split(world_dir, "forget10")
+    chosen = refusal_records(forget_records, builtin, seed=0)
+    assert all(
+        c["answer"] in builtin and c["question"] == r["question"]
+        for c, r in zip(chosen, forget_records, strict=True)
+    )
+    for item, record in zip(dm.dataset, chosen, strict=True):  # labels are exactly the chosen refusal + EOS
+        labels = [t for t in item["forget_idk"]["labels"] if t != -100]
+        assert labels == tok(record["answer"])["input_ids"] + [tok.eos_token_id]
+    # A seeded choice per item: same seed same picks, another seed other picks.
+    picks = [item["forget_idk"]["input_ids"] for item in dm.dataset]
+    assert picks == [item["forget_idk"]["input_ids"] for item in module(refusals="builtin", seed=0).dataset]
+    assert picks != [item["forget_idk"]["input_ids"] for item in module(refusals="builtin", seed=1).dataset]
+    # Overridable from a file.
+    own = tmp_path / "refusals.txt"
+    own.write_text("no idea\n\n")
+    assert {tuple(i["forget_idk"]["labels"][-3:]) for i in module(refusals=str(own)).dataset} == {
+        tuple(tok("no idea")["input_ids"]) + (tok.eos_token_id,)
+    }
+    with pytest.raises(UserError, match="refusals file"):
+        module(refusals=str(tmp_path / "missing.txt"))
+
+
+def test_retain_pairing_changes_with_epoch_but_not_with_order(world_dir, tokenizer_dir):
+    from lightning_unlearn.data.datamodule import UnlearningDataModule
+
+    dm = UnlearningDataModule(tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10",
+                              retain_split="retain90", max_length=64, seed=5)  # fmt: skip
+    dm.setup()
+    data = dm.dataset
+    epoch0 = [data.retain_indices(i) for i in range(len(data))]
+    assert [data.retain_indices(i) for i in reversed(range(len(data)))] == epoch0[::-1]
+    dm.set_epoch(1)
+    assert [data.retain_indices(i) for i in range(len(data))] != epoch0

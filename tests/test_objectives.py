@@ -155,3 +155,21 @@ def test_bad_objective_settings_are_user_errors(tiny_spec):
         LoraSpec(r=0)
     with pytest.raises(UserError, match="either 'path'"):
         ModelSpec()
+
+
+def test_validate_logs_plain_nll_of_each_sub_batch(tiny_spec, world_dir, tokenizer_dir, monkeypatch):
+    from lightning_unlearn.data.datamodule import UnlearningDataModule
+
+    monkeypatch.undo()  # real logging for this test
+    dm = UnlearningDataModule(tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10",
+                              retain_split="retain90", max_length=64, batch_size=64)  # fmt: skip
+    gd = GradDiff(model=tiny_spec)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (metrics,) = trainer.validate(gd, datamodule=dm)
+    batch = next(iter(dm.val_dataloader()))  # one batch holds the whole forget split
+    forget_nll = _hf_nll(gd.model, batch["forget"]).item()
+    assert metrics["val/forget_nll"] == pytest.approx(forget_nll, rel=1e-5)
+    assert metrics["val/forget_loss"] == pytest.approx(-forget_nll, rel=1e-5)
+    assert metrics["val/loss"] == pytest.approx(-forget_nll + metrics["val/retain_nll"], rel=1e-5)

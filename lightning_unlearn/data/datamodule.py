@@ -7,6 +7,9 @@ DistributedSampler shards pairs without changing them, and a new draw each epoch
 
 from __future__ import annotations
 
+from importlib.resources import files
+from pathlib import Path
+
 import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
@@ -29,12 +32,18 @@ def encode_records(
 
 
 class PairedDataset(Dataset):
-    """Forget item i with ``retain_per_forget`` retain items, chosen reproducibly per epoch."""
+    """Forget item i with ``retain_per_forget`` retain items, chosen reproducibly per epoch, and
+    optionally its refusal (``forget_idk``) counterpart."""
 
     def __init__(
-        self, forget: list[dict], retain: list[dict] | None, seed: int, retain_per_forget: int = 1
+        self,
+        forget: list[dict],
+        retain: list[dict] | None,
+        seed: int,
+        retain_per_forget: int = 1,
+        forget_idk: list[dict] | None = None,
     ) -> None:
-        self.forget, self.retain = forget, retain
+        self.forget, self.retain, self.forget_idk = forget, retain, forget_idk
         self.seed, self.retain_per_forget = seed, retain_per_forget
         self.epoch = 0
 
@@ -50,6 +59,8 @@ class PairedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = {"forget": self.forget[index]}
+        if self.forget_idk is not None:
+            item["forget_idk"] = self.forget_idk[index]
         if self.retain is not None:
             item["retain"] = [self.retain[j] for j in self.retain_indices(index)]
         return item
@@ -67,7 +78,52 @@ class _Flatten(TrainCollator):
         return batch
 
 
-class FineTuneDataModule(LightningDataModule):
+def load_refusals(refusals: str) -> list[str]:
+    """Refusal answers: ``builtin`` (our own list in the package) or a text file, one per line."""
+    if refusals == "builtin":
+        text = files("lightning_unlearn").joinpath("resources", "refusals.txt").read_text(encoding="utf-8")
+        where = "builtin refusals"
+    else:
+        path = Path(refusals)
+        if not path.is_file():
+            raise UserError(f"refusals file '{refusals}' does not exist")
+        text, where = path.read_text(encoding="utf-8"), str(path)
+    answers = [line.strip() for line in text.splitlines() if line.strip()]
+    if not answers:
+        raise UserError(f"{where}: no refusal answers")
+    return answers
+
+
+def refusal_records(records: list[dict], refusals: list[str], seed: int) -> list[dict]:
+    """Each forget question with one refusal answer, chosen by a generator seeded once per run."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(refusals), (len(records),), generator=gen).tolist()
+    return [{**r, "answer": refusals[k]} for r, k in zip(records, picks, strict=True)]
+
+
+class _LoaderMixin:
+    """Train loaders shuffle; validation and test loaders see the same data in order."""
+
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.dataset, shuffle=False)
+
+
+class FineTuneDataModule(_LoaderMixin, LightningDataModule):
     """Plain causal-LM batches of one split (the TOFU protocol's target and retain models)."""
 
     def __init__(
@@ -81,30 +137,28 @@ class FineTuneDataModule(LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
         self.tokenizer_path, self.source, self.split = tokenizer, source, split
-        self.prompt_format = prompt_format
-        self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
-        self.items: list[dict] | None = None
+        self.prompt_format, self.max_length = prompt_format, max_length
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.dataset: list[dict] | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.items is None:
+        if self.dataset is None:
             tokenizer = load_tokenizer(self.tokenizer_path)
-            self.pad_id = tokenizer.pad_token_id
+            self.collator = TrainCollator(tokenizer.pad_token_id)
             records = load_split(self.source, self.split)
-            self.items = encode_records(records, tokenizer, self.prompt_format, self.max_length)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.items,
-            batch_size=self.batch_size,
-            shuffle=True,
-            collate_fn=TrainCollator(self.pad_id),
-            num_workers=self.num_workers,
-        )
+            self.dataset = encode_records(records, tokenizer, self.prompt_format, self.max_length)
 
 
-class UnlearningDataModule(LightningDataModule):
-    """Batches ``{"forget": ..., "retain": ...}`` with the forget split as the anchor (DESIGN section 3)."""
+class UnlearningDataModule(_LoaderMixin, LightningDataModule):
+    """Batches ``{"forget", "retain"[, "forget_idk"]}`` with the forget split as the anchor (DESIGN section 3).
+
+    Args:
+        refusals: add a ``forget_idk`` sub-batch (forget question + refusal answer) for the IDK
+            objectives: ``builtin`` or a text file with one refusal per line.
+    """
 
     def __init__(
         self,
@@ -116,6 +170,7 @@ class UnlearningDataModule(LightningDataModule):
         max_length: int = 256,
         batch_size: int = 4,
         retain_per_forget: int = 1,
+        refusals: str | None = None,
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
@@ -124,16 +179,16 @@ class UnlearningDataModule(LightningDataModule):
             raise UserError("batch_size and retain_per_forget must be at least 1")
         self.tokenizer_path, self.source = tokenizer, source
         self.forget_split, self.retain_split = forget_split, retain_split
-        self.prompt_format = prompt_format
-        self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
-        self.retain_per_forget, self.seed = retain_per_forget, seed
+        self.prompt_format, self.max_length = prompt_format, max_length
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.retain_per_forget, self.refusals, self.seed = retain_per_forget, refusals, seed
         self.dataset: PairedDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
         tokenizer = load_tokenizer(self.tokenizer_path)
-        self.pad_id = tokenizer.pad_token_id
+        self.collator = _Flatten(tokenizer.pad_token_id)
         forget_records = load_split(self.source, self.forget_split)
         forget = encode_records(forget_records, tokenizer, self.prompt_format, self.max_length)
         retain = None
@@ -145,18 +200,13 @@ class UnlearningDataModule(LightningDataModule):
             if not retain_records:
                 raise UserError(f"retain split '{self.retain_split}' has no records outside the forget split")
             retain = encode_records(retain_records, tokenizer, self.prompt_format, self.max_length)
-        self.dataset = PairedDataset(forget, retain, self.seed, self.retain_per_forget)
+        forget_idk = None
+        if self.refusals:
+            idk = refusal_records(forget_records, load_refusals(self.refusals), self.seed)
+            forget_idk = encode_records(idk, tokenizer, self.prompt_format, self.max_length)
+        self.dataset = PairedDataset(forget, retain, self.seed, self.retain_per_forget, forget_idk)
 
     def set_epoch(self, epoch: int) -> None:
         """Redraw retain partners for ``epoch`` (called by the objective at each epoch start)."""
         if self.dataset is not None:
             self.dataset.set_epoch(epoch)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            collate_fn=_Flatten(self.pad_id),
-            num_workers=self.num_workers,
-        )

@@ -19,6 +19,7 @@ from transformers import get_scheduler
 
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory
+from lightning_unlearn.losses import nll_loss
 from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model
 
 REFERENCE_POLICIES = ("adapter_off", "copy")
@@ -109,17 +110,35 @@ class UnlearningObjective(LightningModule):
     def retain_loss(self, batch: dict) -> Tensor | None:
         return None
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def step(self, batch: dict, stage: str) -> Tensor:
+        """The objective on one batch, each term logged under ``stage/`` (train, val or test)."""
         forget = self.forget_loss(batch)
         loss = self.forget_weight * forget
-        self.log("train/forget_loss", forget, prog_bar=True)
+        self.log(f"{stage}/forget_loss", forget, prog_bar=stage == "train")
         if self.retain_weight > 0 and "retain" in batch:
             retain = self.retain_loss(batch)
             if retain is not None:
                 loss = loss + self.retain_weight * retain
-                self.log("train/retain_loss", retain, prog_bar=True)
-        self.log("train/loss", loss)
+                self.log(f"{stage}/retain_loss", retain, prog_bar=stage == "train")
+        self.log(f"{stage}/loss", loss)
         return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self.step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.step(batch, "val")
+        self._log_nll(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.step(batch, "test")
+        self._log_nll(batch, "test")
+
+    def _log_nll(self, batch: dict, stage: str) -> None:
+        # Plain NLL of each sub-batch: comparable across objectives, unlike their losses.
+        for name, sub in batch.items():
+            if isinstance(sub, dict):
+                self.log(f"{stage}/{name}_nll", nll_loss(self(sub), sub["labels"]))
 
     def on_train_epoch_start(self) -> None:
         # New retain partners each epoch, identical on every rank (see UnlearningDataModule).

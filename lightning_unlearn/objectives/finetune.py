@@ -11,7 +11,7 @@ from lightning_unlearn.objectives.base import UnlearningObjective
 class FineTune(UnlearningObjective):
     """Next-token NLL on plain batches of one split (``FineTuneDataModule``)."""
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def step(self, batch: dict, stage: str) -> Tensor:
         loss = nll_loss(self(batch), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "train")
         return loss

@@ -1,0 +1,122 @@
+"""Evaluator against an independent computation: one sequence per forward with Hugging Face's own
+loss, unpadded generation one question at a time, and scipy / rouge_score called directly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from rouge_score import rouge_scorer
+from scipy.stats import hmean, ks_2samp
+
+from lightning_unlearn.data.formatting import PromptFormat, encode, encode_prompt
+from lightning_unlearn.data.tofu import load_split
+from lightning_unlearn.data.tokenizer import load_tokenizer
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.evaluation import Evaluator
+from lightning_unlearn.models import load_model
+from lightning_unlearn.report import Report
+
+
+@pytest.fixture
+def setup(world_dir, tokenizer_dir, tiny_spec):
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = load_model(tiny_spec).eval()
+    splits = {
+        "forget": load_split(world_dir, "forget10_perturbed")[:6],
+        "retain": load_split(world_dir, "retain_perturbed")[:5],
+        "world_facts": load_split(world_dir, "world_facts_perturbed")[:4],
+    }
+    return tokenizer, model, splits
+
+
+def _avg_nll(model, tokenizer, question, answer):
+    enc = encode(question, answer, tokenizer, PromptFormat(), 128)
+    ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor([enc["labels"]])
+    with torch.no_grad():
+        return model(input_ids=ids, labels=labels).loss.item()
+
+
+def _greedy(model, tokenizer, question, max_new_tokens):
+    ids = torch.tensor([encode_prompt(question, tokenizer, PromptFormat(), 128)])
+    out = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = model(input_ids=ids).logits[0, -1].argmax().item()
+            if nxt == tokenizer.eos_token_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def test_evaluator_matches_independent_computation(setup):
+    tokenizer, model, splits = setup
+    retain_tr = [0.5, 0.7, 0.9, 1.1, 1.3, 1.5, 2.0]
+    evaluator = Evaluator(tokenizer, splits, batch_size=4, max_new_tokens=6, retain_truth_ratios=retain_tr)
+    report = evaluator.run(model)
+
+    forget = splits["forget"]
+    tr = []
+    for r in forget:
+        para = _avg_nll(model, tokenizer, r["question"], r["paraphrased_answer"])
+        pert = [_avg_nll(model, tokenizer, r["question"], p) for p in r["perturbed_answer"]]
+        tr.append(math.exp(-sum(pert) / len(pert)) / math.exp(-para))
+    assert report.per_sample["forget_truth_ratio"] == pytest.approx(tr, rel=1e-4)
+    assert report.metrics["forget_truth_ratio"] == pytest.approx(
+        sum(min(t, 1 / t) for t in tr) / len(tr), rel=1e-4
+    )
+    assert report.metrics["forget_quality"] == pytest.approx(ks_2samp(tr, retain_tr).pvalue, rel=1e-6)
+    probs = [math.exp(-_avg_nll(model, tokenizer, r["question"], r["answer"])) for r in forget]
+    assert report.per_sample["forget_Q_A_Prob"] == pytest.approx(probs, rel=1e-4)
+
+    wf = splits["world_facts"]
+    normalised, wf_tr = [], []
+    for r in wf:
+        c = math.exp(-_avg_nll(model, tokenizer, r["question"], r["answer"]))
+        w = [math.exp(-_avg_nll(model, tokenizer, r["question"], p)) for p in r["perturbed_answer"]]
+        normalised.append(c / (c + sum(w)))
+        wf_tr.append(math.exp(sum(math.log(x) for x in w) / len(w)) / c)
+    assert report.per_sample["wf_Q_A_Prob_normalised"] == pytest.approx(normalised, rel=1e-4)
+    assert report.metrics["wf_Truth_Ratio"] == pytest.approx(
+        sum(max(0, 1 - t) for t in wf_tr) / len(wf_tr), rel=1e-4
+    )
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for role, records in splits.items():
+        generated = [g["generated"] for g in report.generations[role]]
+        # Batched, left-padded generation equals unpadded greedy decoding one question at a time.
+        assert generated == [_greedy(model, tokenizer, r["question"], 6) for r in records]
+        rouge = [
+            scorer.score(r["answer"], g)["rougeL"].recall for r, g in zip(records, generated, strict=True)
+        ]
+        prefix = {"forget": "forget", "retain": "retain", "world_facts": "wf"}[role]
+        assert report.per_sample[f"{prefix}_Q_A_ROUGE"] == pytest.approx(rouge)
+
+    components = [report.metrics[n] for n in report.settings["model_utility_components"]]
+    assert len(components) == 6
+    assert report.metrics["model_utility"] == pytest.approx(hmean(components))
+
+
+def test_report_round_trip_and_retain_ratios_from_a_saved_report(setup, tmp_path):
+    tokenizer, model, splits = setup
+    first = Evaluator(tokenizer, {"forget": splits["forget"]}, max_new_tokens=0).run(model)
+    first.save(tmp_path / "retain")
+    assert Report.load(tmp_path / "retain").to_dict() == first.to_dict()
+    assert "forget_truth_ratio" in (tmp_path / "retain" / "report.md").read_text()
+    again = Evaluator(
+        tokenizer, {"forget": splits["forget"]}, max_new_tokens=0, retain_truth_ratios=tmp_path / "retain"
+    )
+    assert again.run(model).metrics["forget_quality"] == 1.0
+
+
+def test_evaluator_bad_input(setup):
+    tokenizer, _, splits = setup
+    with pytest.raises(UserError, match="unknown evaluation role"):
+        Evaluator(tokenizer, {"forgets": splits["forget"]})
+    broken = [dict(r) for r in splits["forget"]]
+    del broken[2]["paraphrased_answer"]
+    with pytest.raises(UserError, match="missing field 'paraphrased_answer'"):
+        Evaluator(tokenizer, {"forget": broken})
