@@ -38,8 +38,10 @@ TABLE_COLUMNS = [
     "retain_Truth_Ratio",
     "wf_Q_A_Prob_normalised",
     "wf_Q_A_ROUGE",
+    "wf_Truth_Ratio",
     "ra_Q_A_Prob_normalised",
     "ra_Q_A_ROUGE",
+    "ra_Truth_Ratio",
 ]
 
 
