@@ -190,3 +190,14 @@ def test_retain_pairing_changes_with_epoch_but_not_with_order(world_dir, tokeniz
     assert [data.retain_indices(i) for i in reversed(range(len(data)))] == epoch0[::-1]
     dm.set_epoch(1)
     assert [data.retain_indices(i) for i in range(len(data))] != epoch0
+
+
+def test_hub_id_offline_and_unknown_split_errors(monkeypatch):
+    import huggingface_hub.constants
+
+    # Read once at import, so patch the constant: no network wait, the same path as an offline user.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="unknown TOFU split 'forget02'"):
+        load_split("locuslab/TOFU", "forget02")
+    with pytest.raises(UserError, match="could not fetch split 'forget01'.*local directory"):
+        load_split("locuslab/TOFU", "forget01")
