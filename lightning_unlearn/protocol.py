@@ -6,6 +6,7 @@ table and write ``runs/<name>/report.json`` (one entry per model).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ class Protocol:
         if d.source == "synthetic":
             world = make_world(self.run_dir / "world", d.world)
             if self.base.config is not None and self.base.tokenizer is None:
-                self.base.tokenizer = str(world / "tokenizer")
+                self.base = dataclasses.replace(self.base, tokenizer=str(world / "tokenizer"))
             source = world
         else:
             source = Path(d.source) if Path(d.source).exists() else d.source

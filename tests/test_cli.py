@@ -142,3 +142,17 @@ def test_fit_missing_model_path(tmp_path, world_dir):
     result = run_cli("fit", "--config", str(config))
     _assert_user_error(result, "does not exist")
     assert not (tmp_path / "out").exists()
+
+
+def test_wandb_logger_config_runs_offline(tmp_path, world_dir):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}
+    config = fit_config(tmp_path, world_dir)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_unlearn", "fit", "--config", str(config),
+         "--config", str(repo / "configs" / "logger" / "wandb.yaml")],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
