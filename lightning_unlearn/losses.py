@@ -98,3 +98,27 @@ def kl_divergence(
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     mask = mask.to(kl.dtype)
     return (kl * mask).sum() / mask.sum().clamp_min(1)
+
+
+def npo_loss(logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
+    """Negative preference optimisation (Zhang et al., 2024) on sequence log-probs ``[B]``:
+    -(2/beta) * mean logsigmoid(-beta * (logp - ref_logp)). Bounded, unlike gradient ascent."""
+    return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp)).mean()
+
+
+def simnpo_loss(mean_nll: Tensor, beta: float, delta: float = 0.0) -> Tensor:
+    """SimNPO (Fan et al., 2024), reference-free: -(2/beta) * mean logsigmoid(beta * (mean_nll - delta)),
+    with ``mean_nll`` each sequence's NLL per label token ``[B]`` (open-unlearning's form)."""
+    return -(2.0 / beta) * F.logsigmoid(beta * (mean_nll - delta)).mean()
+
+
+def dpo_loss(logp_w: Tensor, logp_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float) -> Tensor:
+    """DPO (Rafailov et al., 2023) with the chosen (w) and rejected (l) sequence log-probs ``[B]``:
+    -(2/beta) * mean logsigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l)))."""
+    return -(2.0 / beta) * F.logsigmoid(beta * ((logp_w - ref_w) - (logp_l - ref_l))).mean()
+
+
+def answer_preservation_loss(logp_answer: Tensor, logp_refusal: Tensor, beta: float) -> Tensor:
+    """Closer-look's AP on retain questions, no reference model:
+    -(1/beta) * mean logsigmoid(beta * (logp_answer - logp_refusal)); keeps refusals off retain data."""
+    return -(1.0 / beta) * F.logsigmoid(beta * (logp_answer - logp_refusal)).mean()

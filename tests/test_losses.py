@@ -88,3 +88,41 @@ def test_kl_divergence_teacher_to_student_by_hand():
     assert kl_divergence(student, teacher, mask).item() == pytest.approx(expected, rel=1e-6)
     # Direction matters: KL(student || teacher) is a different number.
     assert kl_divergence(teacher, student, mask).item() != pytest.approx(expected, rel=1e-3)
+
+
+def test_npo_by_hand():
+    from lightning_unlearn.losses import npo_loss
+
+    # logp == ref: -(2/beta) ln(1/2); with beta = 1 and logp - ref = ln 3: -2 ln(1/4).
+    assert npo_loss(torch.tensor([-2.0]), torch.tensor([-2.0]), 0.1).item() == pytest.approx(
+        20 * LN(2), rel=1e-6
+    )
+    got = npo_loss(torch.tensor([LN(3), 0.0]), torch.tensor([0.0, 0.0]), 1.0)
+    assert got.item() == pytest.approx((2 * LN(4) + 2 * LN(2)) / 2, rel=1e-6)
+
+
+def test_simnpo_by_hand():
+    from lightning_unlearn.losses import simnpo_loss
+
+    # beta (nll - delta) = ln 3 -> logsigmoid = ln(3/4); loss = -(2/beta) ln(3/4).
+    beta = 2.0
+    got = simnpo_loss(torch.tensor([LN(3) / beta + 0.5]), beta=beta, delta=0.5)
+    assert got.item() == pytest.approx(-(2 / beta) * LN(0.75), rel=1e-6)
+
+
+def test_dpo_by_hand():
+    from lightning_unlearn.losses import dpo_loss
+
+    # Margin ((-1) - (-2)) - ((-3) - (-1)) = 3; beta 0.5 -> logsigmoid(1.5).
+    got = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-1.0]), 0.5
+    )
+    assert got.item() == pytest.approx(-(2 / 0.5) * LN(1 / (1 + math.exp(-1.5))), rel=1e-6)
+
+
+def test_answer_preservation_by_hand():
+    from lightning_unlearn.losses import answer_preservation_loss
+
+    # beta (a - r) = 0 -> -(1/beta) ln(1/2); = ln 4 -> -(1/beta) ln(4/5).
+    got = answer_preservation_loss(torch.tensor([0.0, LN(4) / 0.1]), torch.tensor([0.0, 0.0]), 0.1)
+    assert got.item() == pytest.approx(-(LN(0.5) + LN(0.8)) / 0.1 / 2, rel=1e-6)
