@@ -22,7 +22,7 @@ demo: install
 	WANDB_MODE=offline $(VENV)/bin/lightning-unlearn protocol --config configs/demo.yaml
 
 test: install
-	WANDB_MODE=disabled $(PY) -m pytest tests
+	WANDB_MODE=disabled $(PY) -m pytest -q tests
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -173,3 +173,43 @@ def test_validate_logs_plain_nll_of_each_sub_batch(tiny_spec, world_dir, tokeniz
     assert metrics["val/forget_nll"] == pytest.approx(forget_nll, rel=1e-5)
     assert metrics["val/forget_loss"] == pytest.approx(-forget_nll, rel=1e-5)
     assert metrics["val/loss"] == pytest.approx(-forget_nll + metrics["val/retain_nll"], rel=1e-5)
+
+
+def test_npo_loss_against_reference_and_direction(tiny_spec, unlearning_data):
+    import math
+
+    from lightning_unlearn.objectives import NPO
+
+    batch = _batch(unlearning_data)
+    npo = _build(NPO, tiny_spec, adapter=LoraSpec(r=4, alpha=8), beta=0.5, retain_weight=0.0)
+    # Before any update the model is its own reference: -(2/beta) ln(1/2) exactly.
+    assert npo.training_step(batch, 0).item() == pytest.approx(2 / 0.5 * math.log(2), rel=1e-5)
+    before = _hf_nll(npo.model, batch["forget"]).item()
+    for _ in range(3):
+        _sgd_step(npo, batch, lr=0.5)
+    assert _hf_nll(npo.model, batch["forget"]).item() > before
+    assert npo.training_step(batch, 0).item() < 2 / 0.5 * math.log(2)
+
+
+def test_simnpo_loss_from_hf_per_sequence_nll(tiny_spec, unlearning_data):
+    import torch.nn.functional as F
+
+    from lightning_unlearn.objectives import SimNPO
+
+    batch = _batch(unlearning_data)
+    sim = _build(SimNPO, tiny_spec, beta=2.0, delta=0.5, retain_weight=0.0)
+    forget = batch["forget"]
+    per_seq = torch.stack(
+        [
+            _hf_nll(
+                sim.model,
+                {k: v[i : i + 1, : int(forget["attention_mask"][i].sum())] for k, v in forget.items()},
+            )
+            for i in range(forget["input_ids"].shape[0])
+        ]
+    )
+    expected = 0.125 * -(2 / 2.0) * F.logsigmoid(2.0 * (per_seq - 0.5)).mean()
+    torch.testing.assert_close(sim.training_step(batch, 0), expected, rtol=1e-5, atol=1e-6)
+    before = per_seq.mean().item()
+    _sgd_step(sim, batch, lr=2.0)
+    assert _hf_nll(sim.model, forget).item() > before - 1e-6
