@@ -92,9 +92,21 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None
     path, gguf_file = resolve_gguf(spec.path, spec.gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"could not load a causal LM from '{spec.path}': {err}") from None
+    if gguf_file:
+        _drop_gguf_marks(model)
+    return model
+
+
+def _drop_gguf_marks(model: PreTrainedModel) -> None:
+    """A GGUF file is dequantised to plain float tensors on load, but transformers still marks the
+    model as quantized and refuses ``save_pretrained``; clear the marks so it saves as a normal model."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def attach_lora(model: PreTrainedModel, lora: LoraSpec) -> PeftModel:

