@@ -151,6 +151,8 @@ def test_bad_objective_settings_are_user_errors(tiny_spec):
         GradDiff(model=tiny_spec, retain_loss_type="mse")
     with pytest.raises(UserError, match="positions"):
         MaxEntropy(model=tiny_spec, positions="all")
+    with pytest.raises(UserError, match="lr_schedule must be one of.*cosine"):
+        GradDiff(model=tiny_spec, lr_schedule="cosin")
     with pytest.raises(UserError, match="r must be at least 1"):
         LoraSpec(r=0)
     with pytest.raises(UserError, match="either 'path'"):

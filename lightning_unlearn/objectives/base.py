@@ -15,7 +15,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
-from transformers import get_scheduler
+from transformers import SchedulerType, get_scheduler
 
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory
@@ -68,6 +68,9 @@ class UnlearningObjective(LightningModule):
             )
         if forget_weight < 0 or retain_weight < 0:
             raise UserError("forget_weight and retain_weight must be non-negative")
+        schedules = [t.value for t in SchedulerType]
+        if lr_schedule not in schedules:
+            raise UserError(f"lr_schedule must be one of {', '.join(schedules)}, got {lr_schedule!r}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise UserError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.model_spec, self.adapter_spec = model, adapter
