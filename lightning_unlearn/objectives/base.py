@@ -1,7 +1,7 @@
 """The base LightningModule every unlearning objective derives from (DESIGN section 4).
 
 ``training_step`` = forget_weight * forget_loss(batch) + retain_weight * retain_loss(batch); a
-subclass overrides only those two methods. The model is loaded in ``configure_model`` so sharding
+subclass overrides ``forget_loss`` and, when its retain term is not the default NLL, ``retain_loss``. The model is loaded in ``configure_model`` so sharding
 strategies can wrap it; the reference (the fine-tuned target itself) is the same weights with the
 LoRA adapter disabled (``adapter_off``, zero extra memory) or a frozen copy (``copy``).
 """
@@ -110,8 +110,9 @@ class UnlearningObjective(LightningModule):
     def forget_loss(self, batch: dict) -> Tensor:
         raise NotImplementedError
 
-    def retain_loss(self, batch: dict) -> Tensor | None:
-        return None
+    def retain_loss(self, batch: dict) -> Tensor:
+        """NLL on the retain answers: the retain term of most objectives (DESIGN section 4)."""
+        return nll_loss(self(batch["retain"]), batch["retain"]["labels"])
 
     def step(self, batch: dict, stage: str) -> Tensor:
         """The objective on one batch, each term logged under ``stage/`` (train, val or test)."""
@@ -120,9 +121,8 @@ class UnlearningObjective(LightningModule):
         self.log(f"{stage}/forget_loss", forget, prog_bar=stage == "train")
         if self.retain_weight > 0 and "retain" in batch:
             retain = self.retain_loss(batch)
-            if retain is not None:
-                loss = loss + self.retain_weight * retain
-                self.log(f"{stage}/retain_loss", retain, prog_bar=stage == "train")
+            loss = loss + self.retain_weight * retain
+            self.log(f"{stage}/retain_loss", retain, prog_bar=stage == "train")
         self.log(f"{stage}/loss", loss)
         return loss
 

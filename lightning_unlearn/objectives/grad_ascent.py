@@ -35,10 +35,8 @@ class GradDiff(GradAscent):
         self.retain_loss_type = retain_loss_type
 
     def retain_loss(self, batch: dict) -> Tensor:
-        retain = batch["retain"]
-        logits = self(retain)
         if self.retain_loss_type == "nll":
-            return nll_loss(logits, retain["labels"])
+            return super().retain_loss(batch)
+        retain = batch["retain"]
         mask = retain["labels"][:, 1:] != -100
-        ref = self.reference_logits(retain)
-        return kl_divergence(logits[:, :-1], ref[:, :-1], mask)
+        return kl_divergence(self(retain)[:, :-1], self.reference_logits(retain)[:, :-1], mask)

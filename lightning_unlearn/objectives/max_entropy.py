@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.losses import max_entropy_loss, nll_loss
+from lightning_unlearn.losses import max_entropy_loss
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 
@@ -30,6 +30,3 @@ class MaxEntropy(UnlearningObjective):
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
         return max_entropy_loss(self(forget), forget["labels"], forget["attention_mask"], self.positions)
-
-    def retain_loss(self, batch: dict) -> Tensor:
-        return nll_loss(self(batch["retain"]), batch["retain"]["labels"])

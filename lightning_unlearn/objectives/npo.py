@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_unlearn.losses import mean_token_nll, nll_loss, npo_loss, sequence_logprob, simnpo_loss
+from lightning_unlearn.losses import mean_token_nll, npo_loss, sequence_logprob, simnpo_loss
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 
@@ -28,9 +28,6 @@ class NPO(UnlearningObjective):
         ref = sequence_logprob(self.reference_logits(forget), forget["labels"])
         return npo_loss(logp, ref, self.beta)
 
-    def retain_loss(self, batch: dict) -> Tensor:
-        return nll_loss(self(batch["retain"]), batch["retain"]["labels"])
-
 
 class SimNPO(UnlearningObjective):
     """SimNPO on forget plus NLL on retain (open-unlearning's defaults: beta 4.5, delta 0, gamma 0.125)."""
@@ -44,6 +41,3 @@ class SimNPO(UnlearningObjective):
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
         return simnpo_loss(mean_token_nll(self(forget), forget["labels"]), self.beta, self.delta)
-
-    def retain_loss(self, batch: dict) -> Tensor:
-        return nll_loss(self(batch["retain"]), batch["retain"]["labels"])
