@@ -21,7 +21,4 @@ class ExportModel(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        from lightning_unlearn.data.tokenizer import load_tokenizer
-
-        out = pl_module.export(self.dirpath, merge=self.merge)
-        load_tokenizer(self.tokenizer or pl_module.model_spec.tokenizer_path).save_pretrained(out)
+        pl_module.export(self.dirpath, merge=self.merge, tokenizer=self.tokenizer)

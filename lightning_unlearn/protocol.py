@@ -181,9 +181,7 @@ class Protocol:
         objective = copy.deepcopy(stage.objective)  # a stage may run twice (target and retain)
         objective.model_spec = model
         self._trainer(stage_name, stage).fit(objective, datamodule=datamodule)
-        out = objective.export(self.run_dir / "models" / stage_name)
-        load_spec_tokenizer(model).save_pretrained(out)
-        return out
+        return objective.export(self.run_dir / "models" / stage_name)
 
     def _finetune(self, stage_name: str, split: str) -> Path:
         dm = FineTuneDataModule(

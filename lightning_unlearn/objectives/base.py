@@ -17,10 +17,11 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from transformers import SchedulerType, get_scheduler
 
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory
 from lightning_unlearn.losses import nll_loss
-from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model
+from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model, load_spec_tokenizer
 
 REFERENCE_POLICIES = ("adapter_off", "copy")
 
@@ -163,11 +164,14 @@ class UnlearningObjective(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- export -------------------------------------------------------------------------------
-    def export(self, directory: str | Path, merge: bool = True) -> Path:
-        """Save the unlearned model atomically: merged full weights, or the peft adapter alone."""
+    def export(self, directory: str | Path, merge: bool = True, tokenizer: str | None = None) -> Path:
+        """Save the unlearned model and its tokenizer in one atomic step: merged full weights, or the
+        peft adapter alone. ``tokenizer`` defaults to the model's own."""
         model = self.model
         if self.adapter_spec is not None and merge:
             model = copy.deepcopy(model).merge_and_unload()
+        tok = load_tokenizer(tokenizer) if tokenizer else load_spec_tokenizer(self.model_spec)
         with atomic_directory(directory) as tmp:
             model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         return Path(directory)
