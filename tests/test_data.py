@@ -1,6 +1,7 @@
 """Record validation, TOFU loading, prompt masking and collation."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,27 @@ def test_hub_id_offline_and_unknown_split_errors(monkeypatch):
         load_split("locuslab/TOFU", "forget02")
     with pytest.raises(UserError, match="could not fetch split 'forget01'.*local directory"):
         load_split("locuslab/TOFU", "forget01")
+
+
+class MergingTokenizer:
+    """A stand-in BPE: a word carries its leading space (" The"), a lone trailing space is its own
+    token, so the prompt's trailing space merges into the first answer word as in SmolLM2."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True, return_offsets_mapping=False):
+        spans = [m.span() for m in re.finditer(r"\s?\S+|\s", text)]
+        out = {"input_ids": [hash(text[a:b]) % 1000 + 1 for a, b in spans]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = spans
+        return out
+
+
+def test_offsets_score_the_first_answer_word_that_prompt_length_drops():
+    tok = MergingTokenizer()
+    offsets = encode("Who?", "The cat", tok, PromptFormat(), 64)
+    legacy = encode("Who?", "The cat", tok, PromptFormat(label_boundary="prompt_length"), 64)
+    the, cat = tok(" The")["input_ids"][0], tok(" cat")["input_ids"][0]
+    assert offsets["input_ids"] == legacy["input_ids"]
+    assert [t for t in offsets["labels"] if t != -100] == [the, cat, 0]
+    assert [t for t in legacy["labels"] if t != -100] == [cat, 0]
