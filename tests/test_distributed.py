@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 
 from lightning_unlearn.data.datamodule import UnlearningDataModule
@@ -60,3 +61,27 @@ def test_ddp_spawn_shards_pairs_reproducibly_and_ends_identical(
         torch.testing.assert_close(rank1["state"][name], value, rtol=0, atol=0)
     initial = load_model(tiny_spec).state_dict()  # init is seeded: the same start both ranks had
     assert any(not torch.equal(initial[n], v) for n, v in rank0["state"].items())
+
+
+def test_ddp_spawn_validate_reports_the_mean_over_ranks(tiny_spec, world_dir, tokenizer_dir):
+    dm = UnlearningDataModule(
+        tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10", retain_split="retain90",
+        batch_size=5, max_length=64,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    (metrics,) = trainer.validate(GradDiff(model=tiny_spec), datamodule=dm)
+
+    # Each rank validates one batch of 5: the DistributedSampler's interleaved shard, in order.
+    dm.setup("validate")
+    model = load_model(tiny_spec).eval()
+    collate = dm.val_dataloader().collate_fn
+    per_rank = []
+    for rank in (0, 1):
+        forget = collate([dm.dataset[i] for i in range(rank, len(dm.dataset), 2)])["forget"]
+        with torch.no_grad():
+            per_rank.append(model(**forget).loss.item())
+    assert metrics["val/forget_nll"] == pytest.approx(sum(per_rank) / 2, rel=1e-5)
+    assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-3)  # so rank 0 alone would be wrong

@@ -115,16 +115,21 @@ class UnlearningObjective(LightningModule):
         """NLL on the retain answers: the retain term of most objectives (DESIGN section 4)."""
         return nll_loss(self(batch["retain"]), batch["retain"]["labels"])
 
+    def log_term(self, stage: str, name: str, value: Tensor) -> None:
+        """Log ``stage/name``: on the progress bar while training; averaged over ranks for val/test,
+        whose epoch values must be global means under DDP."""
+        self.log(f"{stage}/{name}", value, prog_bar=stage == "train", sync_dist=stage != "train")
+
     def step(self, batch: dict, stage: str) -> Tensor:
         """The objective on one batch, each term logged under ``stage/`` (train, val or test)."""
         forget = self.forget_loss(batch)
         loss = self.forget_weight * forget
-        self.log(f"{stage}/forget_loss", forget, prog_bar=stage == "train")
+        self.log_term(stage, "forget_loss", forget)
         if self.retain_weight > 0 and "retain" in batch:
             retain = self.retain_loss(batch)
             loss = loss + self.retain_weight * retain
-            self.log(f"{stage}/retain_loss", retain, prog_bar=stage == "train")
-        self.log(f"{stage}/loss", loss)
+            self.log_term(stage, "retain_loss", retain)
+        self.log_term(stage, "loss", loss)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -142,7 +147,7 @@ class UnlearningObjective(LightningModule):
         # Plain NLL of each sub-batch: comparable across objectives, unlike their losses.
         for name, sub in batch.items():
             if isinstance(sub, dict):
-                self.log(f"{stage}/{name}_nll", nll_loss(self(sub), sub["labels"]))
+                self.log_term(stage, f"{name}_nll", nll_loss(self(sub), sub["labels"]))
 
     def on_train_epoch_start(self) -> None:
         # New retain partners each epoch, identical on every rank (see UnlearningDataModule).

@@ -13,5 +13,5 @@ class FineTune(UnlearningObjective):
 
     def step(self, batch: dict, stage: str) -> Tensor:
         loss = nll_loss(self(batch), batch["labels"])
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "train")
+        self.log_term(stage, "loss", loss)
         return loss
