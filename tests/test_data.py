@@ -154,9 +154,17 @@ def test_unlearning_batches_with_refusals(world_dir, tokenizer_dir, tmp_path):
     assert len(builtin) >= 20
     dm = module(refusals="builtin", seed=0)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"forget", "retain", "forget_idk"}
+    assert set(batch) == {"forget", "retain", "forget_idk", "retain_idk"}
     assert batch["retain"]["input_ids"].shape[0] == 2 * batch["forget"]["input_ids"].shape[0]
+    assert torch.equal(batch["retain_idk"]["index"], batch["retain"]["index"])
     tok = load_tokenizer(tokenizer_dir)
+    # retain_idk asks the same retain questions, row for row, and answers with a builtin refusal.
+    refusal_ids = {tuple(tok(r)["input_ids"] + [tok.eos_token_id]) for r in builtin}
+    for item in dm.dataset:
+        for plain, idk in zip(item["retain"], item["retain_idk"], strict=True):
+            start = next(i for i, t in enumerate(idk["labels"]) if t != -100)
+            assert plain["index"] == idk["index"] and plain["input_ids"][:start] == idk["input_ids"][:start]
+            assert tuple(idk["input_ids"][start:]) in refusal_ids
     forget_records = load_split(world_dir, "forget10")
     chosen = refusal_records(forget_records, builtin, seed=0)
     assert all(
@@ -178,6 +186,15 @@ def test_unlearning_batches_with_refusals(world_dir, tokenizer_dir, tmp_path):
     }
     with pytest.raises(UserError, match="refusals file"):
         module(refusals=str(tmp_path / "missing.txt"))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 25])
+def test_reference_shards_cover_the_split_with_equal_lengths(unlearning_data, world_size):
+    data = unlearning_data.dataset
+    shards = [data.shard("forget", rank, world_size) for rank in range(world_size)]
+    assert len({len(s) for s in shards}) == 1
+    assert {item["index"] for s in shards for item in s} == set(range(len(data.forget)))
+    assert all(item["input_ids"] == data.forget[item["index"]]["input_ids"] for s in shards for item in s)
 
 
 def test_retain_pairing_changes_with_epoch_but_not_with_order(world_dir, tokenizer_dir):

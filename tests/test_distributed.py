@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lightning_unlearn.data.datamodule import UnlearningDataModule
-from lightning_unlearn.models import load_model
-from lightning_unlearn.objectives import GradDiff
+from lightning_unlearn.models import LoraSpec, load_model
+from lightning_unlearn.objectives import NPO, GradDiff
 
 
 def _tokens(sub: dict, row: int) -> tuple[int, ...]:
@@ -82,6 +82,45 @@ def test_ddp_spawn_validate_reports_the_mean_over_ranks(tiny_spec, world_dir, to
     for rank in (0, 1):
         forget = collate([dm.dataset[i] for i in range(rank, len(dm.dataset), 2)])["forget"]
         with torch.no_grad():
-            per_rank.append(model(**forget).loss.item())
+            per_rank.append(
+                model(
+                    forget["input_ids"], attention_mask=forget["attention_mask"], labels=forget["labels"]
+                ).loss.item()
+            )
     assert metrics["val/forget_nll"] == pytest.approx(sum(per_rank) / 2, rel=1e-5)
     assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-3)  # so rank 0 alone would be wrong
+
+
+def test_ddp_spawn_npo_with_cached_reference_matches_one_process_on_the_global_batch(
+    tiny_spec, world_dir, tokenizer_dir
+):
+    def data(batch_size: int) -> UnlearningDataModule:
+        return UnlearningDataModule(
+            tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10", retain_split="retain90",
+            batch_size=batch_size, max_length=64,
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    npo = NPO(model=tiny_spec, adapter=LoraSpec(r=4, alpha=8), beta=0.5, retain_weight=0.0)
+    npo.configure_model()
+    with torch.no_grad():  # move the model away from its reference so the loss depends on the cache
+        for name, p in npo.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    # Each rank validates 5 of the 10 forget items (interleaved) but caches a contiguous half, so
+    # every rank's loss needs log-probs the other rank computed.
+    (metrics,) = trainer.validate(npo, datamodule=data(5))
+
+    single = data(10)
+    single.setup("validate")
+    npo.reference_cache = {}
+    npo.build_reference_cache(single)
+    (batch,) = list(single.val_dataloader())
+    with torch.no_grad():
+        global_loss = npo.forget_loss(batch).item()
+    assert global_loss != pytest.approx(2 / 0.5 * 0.6931471805599453, rel=1e-3)
+    assert metrics["val/forget_loss"] == pytest.approx(global_loss, rel=1e-5)

@@ -183,7 +183,9 @@ def test_npo_loss_against_reference_and_direction(tiny_spec, unlearning_data):
     from lightning_unlearn.objectives import NPO
 
     batch = _batch(unlearning_data)
-    npo = _build(NPO, tiny_spec, adapter=LoraSpec(r=4, alpha=8), beta=0.5, retain_weight=0.0)
+    npo = _build(
+        NPO, tiny_spec, adapter=LoraSpec(r=4, alpha=8), beta=0.5, retain_weight=0.0, reference="adapter_off"
+    )
     # Before any update the model is its own reference: -(2/beta) ln(1/2) exactly.
     assert npo.training_step(batch, 0).item() == pytest.approx(2 / 0.5 * math.log(2), rel=1e-5)
     before = _hf_nll(npo.model, batch["forget"]).item()
@@ -205,7 +207,10 @@ def test_simnpo_loss_from_hf_per_sequence_nll(tiny_spec, unlearning_data):
         [
             _hf_nll(
                 sim.model,
-                {k: v[i : i + 1, : int(forget["attention_mask"][i].sum())] for k, v in forget.items()},
+                {
+                    k: forget[k][i : i + 1, : int(forget["attention_mask"][i].sum())]
+                    for k in ("input_ids", "attention_mask", "labels")
+                },
             )
             for i in range(forget["input_ids"].shape[0])
         ]

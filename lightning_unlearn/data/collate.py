@@ -12,8 +12,9 @@ from torch import Tensor
 from lightning_unlearn.losses import IGNORE_INDEX
 
 
-def pad_batch(features: list[dict[str, list[int]]], pad_id: int, side: str = "right") -> dict[str, Tensor]:
-    """Stack ``input_ids`` (and ``labels`` if present) with padding on ``side``."""
+def pad_batch(features: list[dict], pad_id: int, side: str = "right") -> dict[str, Tensor]:
+    """Stack ``input_ids`` (and ``labels`` if present) with padding on ``side``; an ``index``
+    per row (its position in its split) passes through as a tensor."""
     width = max(len(f["input_ids"]) for f in features)
     has_labels = "labels" in features[0]
     ids = torch.full((len(features), width), pad_id, dtype=torch.long)
@@ -29,6 +30,8 @@ def pad_batch(features: list[dict[str, list[int]]], pad_id: int, side: str = "ri
     batch = {"input_ids": ids, "attention_mask": mask}
     if has_labels:
         batch["labels"] = labels
+    if "index" in features[0]:
+        batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
     return batch
 
 

@@ -2,7 +2,8 @@
 
 An unlearning item is anchored on a forget record and paired with retain records drawn by a
 generator seeded with (seed, epoch, index): identical on every rank for the same index, so a
-DistributedSampler shards pairs without changing them, and a new draw each epoch.
+DistributedSampler shards pairs without changing them, and a new draw each epoch. Every
+sub-batch carries each row's ``index`` into its split, which the ``cached`` reference looks up.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def encode_records(
 
 class PairedDataset(Dataset):
     """Forget item i with ``retain_per_forget`` retain items, chosen reproducibly per epoch, and
-    optionally its refusal (``forget_idk``) counterpart."""
+    optionally the refusal counterparts of both (``forget_idk``, ``retain_idk``)."""
 
     def __init__(
         self,
@@ -42,8 +43,11 @@ class PairedDataset(Dataset):
         seed: int,
         retain_per_forget: int = 1,
         forget_idk: list[dict] | None = None,
+        retain_idk: list[dict] | None = None,
     ) -> None:
-        self.forget, self.retain, self.forget_idk = forget, retain, forget_idk
+        if retain_idk is not None and (retain is None or len(retain_idk) != len(retain)):
+            raise ValueError("retain_idk must pair one-to-one with retain")
+        self.forget, self.retain, self.forget_idk, self.retain_idk = forget, retain, forget_idk, retain_idk
         self.seed, self.retain_per_forget = seed, retain_per_forget
         self.epoch = 0
 
@@ -58,12 +62,24 @@ class PairedDataset(Dataset):
         return len(self.forget)
 
     def __getitem__(self, index: int) -> dict:
-        item = {"forget": self.forget[index]}
+        item = {"forget": {**self.forget[index], "index": index}}
         if self.forget_idk is not None:
-            item["forget_idk"] = self.forget_idk[index]
+            item["forget_idk"] = {**self.forget_idk[index], "index": index}
         if self.retain is not None:
-            item["retain"] = [self.retain[j] for j in self.retain_indices(index)]
+            partners = self.retain_indices(index)
+            item["retain"] = [{**self.retain[j], "index": j} for j in partners]
+            if self.retain_idk is not None:
+                item["retain_idk"] = [{**self.retain_idk[j], "index": j} for j in partners]
         return item
+
+    def shard(self, name: str, rank: int, world_size: int) -> list[dict]:
+        """Rank's contiguous share of split ``name`` (``forget`` or ``forget_idk``) with indices,
+        padded by repeating an item so every rank runs the same number of forward passes."""
+        items = getattr(self, name)
+        per_rank = -(-len(items) // world_size)
+        indices = list(range(rank * per_rank, min((rank + 1) * per_rank, len(items))))
+        indices += [indices[-1] if indices else 0] * (per_rank - len(indices))
+        return [{**items[i], "index": i} for i in indices]
 
 
 class _Flatten(TrainCollator):
@@ -95,7 +111,7 @@ def load_refusals(refusals: str) -> list[str]:
 
 
 def refusal_records(records: list[dict], refusals: list[str], seed: int) -> list[dict]:
-    """Each forget question with one refusal answer, chosen by a generator seeded once per run."""
+    """Each question with one refusal answer, chosen by a generator seeded once per run."""
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(refusals), (len(records),), generator=gen).tolist()
     return [{**r, "answer": refusals[k]} for r, k in zip(records, picks, strict=True)]
@@ -153,11 +169,13 @@ class FineTuneDataModule(_LoaderMixin, LightningDataModule):
 
 
 class UnlearningDataModule(_LoaderMixin, LightningDataModule):
-    """Batches ``{"forget", "retain"[, "forget_idk"]}`` with the forget split as the anchor (DESIGN section 3).
+    """Batches ``{"forget", "retain"[, "forget_idk", "retain_idk"]}`` with the forget split as the
+    anchor (DESIGN section 3).
 
     Args:
-        refusals: add a ``forget_idk`` sub-batch (forget question + refusal answer) for the IDK
-            objectives: ``builtin`` or a text file with one refusal per line.
+        refusals: add ``forget_idk`` and ``retain_idk`` sub-batches (the same questions with a
+            refusal answer) for the IDK objectives: ``builtin`` (our own list) or a text file
+            with one refusal per line.
     """
 
     def __init__(
@@ -200,11 +218,30 @@ class UnlearningDataModule(_LoaderMixin, LightningDataModule):
             if not retain_records:
                 raise UserError(f"retain split '{self.retain_split}' has no records outside the forget split")
             retain = encode_records(retain_records, tokenizer, self.prompt_format, self.max_length)
-        forget_idk = None
+        forget_idk = retain_idk = None
         if self.refusals:
-            idk = refusal_records(forget_records, load_refusals(self.refusals), self.seed)
+            refusals = load_refusals(self.refusals)
+            idk = refusal_records(forget_records, refusals, self.seed)
             forget_idk = encode_records(idk, tokenizer, self.prompt_format, self.max_length)
-        self.dataset = PairedDataset(forget, retain, self.seed, self.retain_per_forget, forget_idk)
+            if retain is not None:
+                idk = refusal_records(retain_records, refusals, self.seed + 1)
+                retain_idk = encode_records(idk, tokenizer, self.prompt_format, self.max_length)
+        self.dataset = PairedDataset(
+            forget, retain, self.seed, self.retain_per_forget, forget_idk, retain_idk
+        )
+
+    def reference_loader(self, name: str, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Rank's shard of the items of sub-batch ``name``, in order, for precomputing reference values."""
+        if self.dataset is None:
+            self.setup("fit")
+        if getattr(self.dataset, name, None) is None:
+            raise UserError(f"the data has no '{name}' items (set refusals for the *_idk sub-batches)")
+        return DataLoader(
+            self.dataset.shard(name, rank, world_size),
+            batch_size=self.batch_size,
+            collate_fn=TrainCollator(self.collator.pad_id),
+            num_workers=self.num_workers,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Redraw retain partners for ``epoch`` (called by the objective at each epoch start)."""

@@ -1,14 +1,21 @@
 """The base LightningModule every unlearning objective derives from (DESIGN section 4).
 
 ``training_step`` = forget_weight * forget_loss(batch) + retain_weight * retain_loss(batch); a
-subclass overrides ``forget_loss`` and, when its retain term is not the default NLL, ``retain_loss``. The model is loaded in ``configure_model`` so sharding
-strategies can wrap it; the reference (the fine-tuned target itself) is the same weights with the
-LoRA adapter disabled (``adapter_off``, zero extra memory) or a frozen copy (``copy``).
+subclass overrides ``forget_loss`` and, when its retain term is not the default NLL,
+``retain_loss``. The model is loaded in ``configure_model`` so sharding strategies can wrap it.
+
+The reference is the fine-tuned target itself, before unlearning: the same weights with the LoRA
+adapter disabled (``adapter_off``, no extra memory, one extra forward per use), a frozen copy
+(``copy``, full fine-tuning), or, for objectives that use it only through sequence log-probs of
+fixed sub-batches (NPO, IdkDPO), those log-probs computed once at the start of fit, each rank
+computing a shard, and looked up by row index afterwards (``cached``: no extra memory and no
+extra forward per step).
 """
 
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,10 +27,10 @@ from transformers import SchedulerType, get_scheduler
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory
-from lightning_unlearn.losses import nll_loss
+from lightning_unlearn.losses import nll_loss, sequence_logprob
 from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model, load_spec_tokenizer
 
-REFERENCE_POLICIES = ("adapter_off", "copy")
+REFERENCE_POLICIES = ("adapter_off", "cached", "copy")
 
 
 def adamw(params) -> torch.optim.Optimizer:
@@ -40,14 +47,17 @@ class UnlearningObjective(LightningModule):
         adapter: LoRA settings; None trains every weight.
         forget_weight: gamma, the weight of the forget term.
         retain_weight: alpha, the weight of the retain term (0 skips its forward pass).
-        reference: ``adapter_off`` or ``copy``; None picks the cheapest exact one. Only built if
-            the objective uses a reference.
+        reference: ``adapter_off``, ``cached`` or ``copy``; None picks the cheapest exact one
+            (``cached`` where the objective allows it, else ``adapter_off`` with an adapter, else
+            ``copy``). Only built if the objective uses a reference.
         optimizer: optimiser factory (LightningCLI ``class_path``/``init_args``).
         lr_schedule: a transformers scheduler name (``constant``, ``linear``, ``cosine``...).
         warmup_ratio: fraction of the total steps spent warming up.
     """
 
     uses_reference = False
+    # Sub-batches whose reference enters the loss only as sequence log-probs: these can be cached.
+    cacheable: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -67,6 +77,11 @@ class UnlearningObjective(LightningModule):
             raise UserError(
                 "reference 'adapter_off' needs an adapter (LoRA); use 'copy' for full fine-tuning"
             )
+        if reference == "cached" and not self.cacheable:
+            raise UserError(
+                f"reference 'cached' only applies to objectives that use the reference's sequence "
+                f"log-probs (NPO, IdkDPO); {type(self).__name__} needs its logits: use 'adapter_off' or 'copy'"
+            )
         if forget_weight < 0 or retain_weight < 0:
             raise UserError("forget_weight and retain_weight must be non-negative")
         schedules = [t.value for t in SchedulerType]
@@ -76,10 +91,12 @@ class UnlearningObjective(LightningModule):
             raise UserError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.model_spec, self.adapter_spec = model, adapter
         self.forget_weight, self.retain_weight = forget_weight, retain_weight
-        self.reference_policy = reference or ("adapter_off" if adapter is not None else "copy")
+        default = "cached" if self.cacheable else "adapter_off" if adapter is not None else "copy"
+        self.reference_policy = reference or default
         self.optimizer_factory, self.lr_schedule, self.warmup_ratio = optimizer, lr_schedule, warmup_ratio
         self.model: torch.nn.Module | None = None
         self.reference_model: torch.nn.Module | None = None
+        self.reference_cache: dict[str, Tensor] = {}
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -100,12 +117,83 @@ class UnlearningObjective(LightningModule):
     @torch.no_grad()
     def reference_logits(self, sub_batch: dict[str, Tensor]) -> Tensor:
         """Logits of the model being unlearned as it was before unlearning started."""
-        if self.reference_policy == "adapter_off":
-            with self.model.disable_adapter():
-                return self(sub_batch)
-        return self.reference_model(
-            input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"]
-        ).logits
+        if self.reference_model is not None:
+            return self.reference_model(
+                input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"]
+            ).logits
+        if self.adapter_spec is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: the '{self.reference_policy}' reference has no logits"
+            )
+        with self.model.disable_adapter():
+            return self(sub_batch)
+
+    def reference_logprob(self, name: str, sub_batch: dict[str, Tensor]) -> Tensor:
+        """Sequence log-probs ``[B]`` of sub-batch ``name`` under the reference, from the cache
+        (by row index) when the policy is ``cached``."""
+        if self.reference_policy != "cached":
+            return sequence_logprob(self.reference_logits(sub_batch), sub_batch["labels"])
+        if name not in self.reference_cache:
+            raise RuntimeError(f"no cached reference for '{name}': call build_reference_cache first")
+        return self.reference_cache[name].to(sub_batch["index"].device)[sub_batch["index"]]
+
+    # -- the cached reference ------------------------------------------------------------------
+    @torch.no_grad()
+    def build_reference_cache(self, datamodule) -> None:
+        """Each rank scores its contiguous shard of every cacheable sub-batch with the frozen
+        model; a sum over ranks of (values, counts) gives every rank the whole table."""
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        was_training = self.model.training
+        self.model.eval()
+        # The same autocast as the training step, so a cached value equals the one a step would compute.
+        precision = trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
+        try:
+            for name in self.cacheable:
+                size = len(getattr(datamodule.dataset, name) or [])
+                values = torch.zeros(size, dtype=torch.float64, device=self.device)
+                counts = torch.zeros(size, dtype=torch.float64, device=self.device)
+                for sub in datamodule.reference_loader(name, rank, world):
+                    sub = {k: v.to(self.device) for k, v in sub.items()}
+                    # Fit has not updated the weights yet, so without an adapter they are the target.
+                    adapter_off = self.model.disable_adapter() if self.adapter_spec else nullcontext()
+                    with precision, adapter_off:
+                        logits = self(sub)
+                    logp = sequence_logprob(logits, sub["labels"]).double()
+                    values.index_add_(0, sub["index"], logp)
+                    counts.index_add_(0, sub["index"], torch.ones_like(logp))
+                if trainer is not None and world > 1:
+                    values = trainer.strategy.reduce(values, reduce_op="sum")
+                    counts = trainer.strategy.reduce(counts, reduce_op="sum")
+                self.reference_cache[name] = (values / counts).float()
+        finally:
+            self.model.train(was_training)
+
+    def _ensure_reference_cache(self) -> None:
+        if self.reference_policy != "cached" or self.reference_cache:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if not hasattr(datamodule, "reference_loader"):
+            raise UserError(
+                "reference 'cached' needs an UnlearningDataModule (it precomputes over the forget data)"
+            )
+        self.build_reference_cache(datamodule)
+
+    def on_fit_start(self) -> None:
+        self._ensure_reference_cache()
+
+    def on_validation_start(self) -> None:
+        self._ensure_reference_cache()
+
+    def on_test_start(self) -> None:
+        self._ensure_reference_cache()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A resumed run must not recompute the cache from weights that have already moved.
+        checkpoint["reference_cache"] = {k: v.cpu() for k, v in self.reference_cache.items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.reference_cache = dict(checkpoint.get("reference_cache", {}))
 
     # -- losses: the two methods a subclass overrides ---------------------------------------
     def forget_loss(self, batch: dict) -> Tensor:

@@ -17,6 +17,7 @@ class NPO(UnlearningObjective):
     """NPO on forget plus NLL on retain. Args: beta, the inverse temperature (0.1)."""
 
     uses_reference = True
+    cacheable = ("forget",)
 
     def __init__(self, *args, beta: float = 0.1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -25,8 +26,7 @@ class NPO(UnlearningObjective):
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
         logp = sequence_logprob(self(forget), forget["labels"])
-        ref = sequence_logprob(self.reference_logits(forget), forget["labels"])
-        return npo_loss(logp, ref, self.beta)
+        return npo_loss(logp, self.reference_logprob("forget", forget), self.beta)
 
 
 class SimNPO(UnlearningObjective):

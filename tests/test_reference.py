@@ -1,0 +1,86 @@
+"""Reference policies: ``cached`` gives exactly the loss ``copy`` and ``adapter_off`` give, and keeps
+giving the pre-unlearning values after the weights move."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.losses import sequence_logprob
+from lightning_unlearn.models import LoraSpec
+from lightning_unlearn.objectives import NPO, GradDiff
+
+
+@pytest.fixture(autouse=True)
+def _no_logging(monkeypatch):
+    monkeypatch.setattr(L.LightningModule, "log", lambda *a, **k: None)
+
+
+def _npo(spec, **kwargs) -> NPO:
+    torch.manual_seed(0)  # the same LoRA initialisation for every policy
+    npo = NPO(model=spec, beta=0.5, retain_weight=0.0, **kwargs)
+    npo.configure_model()
+    return npo
+
+
+def _sgd(objective, batch, lr=0.5) -> None:
+    objective.model.zero_grad()
+    objective.training_step(batch, 0).backward()
+    with torch.no_grad():
+        for p in objective.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+
+
+@pytest.mark.parametrize("adapter", [None, LoraSpec(r=4, alpha=8)], ids=["full", "lora"])
+def test_cached_reference_equals_the_exact_reference_after_updates(tiny_spec, unlearning_data, adapter):
+    exact_policy = "copy" if adapter is None else "adapter_off"
+    exact, cached = _npo(tiny_spec, adapter=adapter, reference=exact_policy), _npo(tiny_spec, adapter=adapter)
+    assert cached.reference_policy == "cached" and cached.reference_model is None
+    cached.build_reference_cache(unlearning_data)
+    # The cache holds every forget item's log-prob under the starting model, scored one by one.
+    forget = unlearning_data.dataset.forget
+    with torch.no_grad():
+        for i in (0, len(forget) - 1):
+            one = {k: torch.tensor([forget[i][k]]) for k in ("input_ids", "labels")}
+            one["attention_mask"] = torch.ones_like(one["input_ids"])
+            want = sequence_logprob(exact(one), one["labels"])
+            torch.testing.assert_close(cached.reference_cache["forget"][i : i + 1], want)
+    batches = list(unlearning_data.train_dataloader())
+    for batch in batches[:3]:  # identical losses, hence identical updates, step after step
+        torch.testing.assert_close(cached.training_step(batch, 0), exact.training_step(batch, 0))
+        _sgd(exact, batch)
+        _sgd(cached, batch)
+    batch = batches[0]
+    assert cached.training_step(batch, 0).item() != pytest.approx(2 / 0.5 * 0.6931471805599453, rel=1e-4)
+    torch.testing.assert_close(cached.training_step(batch, 0), exact.training_step(batch, 0))
+    torch.testing.assert_close(
+        cached.reference_logprob("forget", batch["forget"]),
+        exact.reference_logprob("forget", batch["forget"]),
+    )
+
+
+def test_default_policy_is_the_cheapest_exact_one(tiny_spec):
+    lora = LoraSpec(r=4, alpha=8)
+    assert NPO(model=tiny_spec).reference_policy == "cached"
+    assert NPO(model=tiny_spec, adapter=lora).reference_policy == "cached"
+    assert GradDiff(model=tiny_spec, adapter=lora, retain_loss_type="kl").reference_policy == "adapter_off"
+    assert GradDiff(model=tiny_spec, retain_loss_type="kl").reference_policy == "copy"
+    with pytest.raises(UserError, match="'cached' only applies.*GradDiff"):
+        GradDiff(model=tiny_spec, retain_loss_type="kl", reference="cached")
+
+
+def test_cache_survives_a_checkpoint(tiny_spec, unlearning_data):
+    npo = _npo(tiny_spec)
+    npo.build_reference_cache(unlearning_data)
+    checkpoint: dict = {}
+    npo.on_save_checkpoint(checkpoint)
+    resumed = _npo(tiny_spec)
+    resumed.on_load_checkpoint(checkpoint)
+    torch.testing.assert_close(
+        resumed.reference_cache["forget"], npo.reference_cache["forget"], rtol=0, atol=0
+    )
+    with pytest.raises(RuntimeError, match="no cached reference"):
+        _npo(tiny_spec).reference_logprob("forget", next(iter(unlearning_data.train_dataloader()))["forget"])
