@@ -33,18 +33,20 @@ def protocol_main(argv: list[str]) -> None:
     Protocol(**init).run()
 
 
-def lightning_main(argv: list[str]) -> None:
+def lightning_main(argv: list[str] | None, run: bool = True):
+    """LightningCLI over every objective and data module; ``run=False`` only builds them (tests)."""
     from lightning import LightningDataModule
     from lightning.pytorch.cli import LightningCLI
 
     from lightning_unlearn.objectives.base import UnlearningObjective
 
-    LightningCLI(
+    return LightningCLI(
         UnlearningObjective,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=None if argv == sys.argv[1:] else argv,
+        run=run,
+        args=argv,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         if argv[0] == "protocol":
             protocol_main(argv[1:])
         else:
-            lightning_main(argv)
+            lightning_main(None if argv == sys.argv[1:] else argv)
     except UserError as err:
         print(f"lightning-unlearn: error: {err}", file=sys.stderr)
         sys.exit(2)

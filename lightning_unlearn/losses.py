@@ -122,3 +122,91 @@ def answer_preservation_loss(logp_answer: Tensor, logp_refusal: Tensor, beta: fl
     """Closer-look's AP on retain questions, no reference model:
     -(1/beta) * mean logsigmoid(beta * (logp_answer - logp_refusal)); keeps refusals off retain data."""
     return -(1.0 / beta) * F.logsigmoid(beta * (logp_answer - logp_refusal)).mean()
+
+
+# -- open-unlearning's RMU, UNDIAL, WGA, SatImp and CE-U ---------------------------------------
+
+
+def representation_loss(hidden: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """RMU's activation distance (Li et al., 2024, "The WMDP Benchmark"): the squared error per
+    position averaged over the hidden dimension, averaged over each sequence's ``mask``-ed positions,
+    then over the batch.
+
+    ``hidden`` is ``[B, T, D]``; ``target`` broadcasts to it (``[D]`` for the steering vector, or
+    ``[B, T, D]`` for the frozen model's activations); ``mask`` is ``[B, T]`` (not shifted: the
+    hidden state *at* a token is scored). This is open-unlearning's reduction (per-sequence mean, then
+    batch mean); a sequence without scored positions adds 0 where theirs gives NaN.
+    """
+    squared = (hidden.float() - target.float()).pow(2).mean(-1)
+    mask = mask.to(squared.dtype)
+    return ((squared * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
+
+
+def _label_index(shift_labels: Tensor) -> tuple[Tensor, Tensor]:
+    # The label ids as a gather/scatter index (``[B, T-1, 1]``; ignored positions point at token 0
+    # and are masked out by the caller) and the mask of scored positions.
+    mask = shift_labels != IGNORE_INDEX
+    return shift_labels.clamp_min(0).unsqueeze(-1), mask
+
+
+def _soft_cross_entropy(logits: Tensor, target_probs: Tensor, mask: Tensor) -> Tensor:
+    # -sum_v q_v log p_v per position, averaged over the positions where ``mask`` is true.
+    vocab = logits.size(-1)
+    ce = F.cross_entropy(logits.reshape(-1, vocab), target_probs.reshape(-1, vocab), reduction="none").view(
+        mask.shape
+    )
+    mask = mask.to(ce.dtype)
+    return (ce * mask).sum() / mask.sum().clamp_min(1)
+
+
+def undial_loss(logits: Tensor, teacher_logits: Tensor, labels: Tensor, beta: float) -> Tensor:
+    """UNDIAL (Dong et al., 2024, "UNDIAL: Self-Distillation with Adjusted Logits for Robust
+    Unlearning in LLMs"): cross-entropy of the student against softmax(teacher logits - beta on the
+    label token), per label position, averaged over the label tokens of the batch.
+
+    Open-unlearning averages over *every* position (prompt and padding too, where its index -100
+    wraps round to vocabulary id V-100); we score only the label tokens, as every other loss here.
+    """
+    shift_logits, shift_labels = _shift(logits, labels)
+    index, mask = _label_index(shift_labels)
+    teacher = teacher_logits[:, :-1, :].detach().float()
+    adjusted = teacher.scatter_add(-1, index, torch.full(index.shape, -float(beta), device=teacher.device))
+    return _soft_cross_entropy(shift_logits.float(), torch.softmax(adjusted, dim=-1), mask)
+
+
+def wga_loss(logits: Tensor, labels: Tensor, beta: float) -> Tensor:
+    """Weighted gradient ascent (Wang et al., 2025, "Rethinking LLM Unlearning Objectives: A Gradient
+    Perspective and Go Beyond"): -mean over label tokens of p_t^beta * NLL_t, the weight detached,
+    so tokens the model has already forgotten (small p_t) stop pulling. Open-unlearning's form."""
+    logp, mask = token_logprobs(logits, labels)
+    weight = (logp.detach() * beta).exp()
+    return (weight * logp * mask).sum() / mask.sum().clamp_min(1)
+
+
+def satimp_loss(logits: Tensor, labels: Tensor, beta1: float, beta2: float) -> Tensor:
+    """SatImp (Yang et al., 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM
+    Unlearning"): -mean over label tokens of p_t^beta1 * (1 - p_t)^beta2 * NLL_t, the weights
+    detached (saturation times importance). Open-unlearning's form."""
+    logp, mask = token_logprobs(logits, labels)
+    logp_d = logp.detach()
+    weight = (logp_d * beta1).exp() * (-torch.expm1(logp_d)).clamp_min(0).pow(beta2)
+    return (weight * logp * mask).sum() / mask.sum().clamp_min(1)
+
+
+def ce_u_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """CE-U (Yang et al., 2025, "CE-U: Cross Entropy Unlearning"): cross-entropy of the model
+    against the detached softmax of its own logits with the label token's logit set to -inf,
+    averaged over the label tokens of the batch. Its gradient on the logits is p - q: the label
+    token's logit is pushed down by p_t, which vanishes once forgotten (no runaway, unlike GA)."""
+    shift_logits, shift_labels = _shift(logits, labels)
+    index, mask = _label_index(shift_labels)
+    logits32 = shift_logits.float()
+    target = torch.softmax(logits32.detach().scatter(-1, index, float("-inf")), dim=-1)
+    return _soft_cross_entropy(logits32, target, mask)
+
+
+def drop_first_label_tokens(labels: Tensor, n: int) -> Tensor:
+    """``labels`` with the first ``n`` label tokens of each row set to -100 (CE-U's
+    ``ignore_first_n_answer_tokens``, from a footnote of its paper's training settings)."""
+    scored = labels != IGNORE_INDEX
+    return labels.masked_fill(scored & (scored.cumsum(-1) <= n), IGNORE_INDEX)

@@ -53,7 +53,7 @@ class DataSettings:
     ``source``: ``synthetic`` (generated offline from ``world``), a hub id or a local directory
     in TOFU's file layout. ``retain_limit`` trains on the first N retain rows (a CPU-sized
     subset); ``eval_limit`` caps each evaluation split. Retain evaluation keeps only questions the
-    models were trained on.
+    models were trained on. ``refusals`` (``builtin`` or a file) feeds the IDK objectives.
     """
 
     source: str = "synthetic"
@@ -71,6 +71,7 @@ class DataSettings:
     eval_limit: int | None = None
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
     max_length: int = 256
+    refusals: str = "builtin"
 
 
 @dataclass
@@ -204,6 +205,7 @@ class Protocol:
             max_length=self.data.max_length,
             batch_size=stage.batch_size,
             retain_per_forget=stage.retain_per_forget,
+            refusals=self.data.refusals if stage.objective.needs_refusals else None,
             seed=self.seed,
         )
         return self._train(stage_name, stage, ModelSpec(path=str(target), dtype=self.base.dtype), dm)

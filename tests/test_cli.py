@@ -78,6 +78,23 @@ def test_help_lists_subcommands():
     assert protocol.returncode == 0 and "--objectives" in protocol.stdout
 
 
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).parents[1] / "configs" / "tofu").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_tofu_config_builds_its_objective(config):
+    from lightning_unlearn.cli import lightning_main
+
+    spec = yaml.safe_load(config.read_text())
+    cli = lightning_main(["--config", str(config), "--trainer.logger=false"], run=False)
+    assert type(cli.model).__name__ == spec["model"]["class_path"].rsplit(".", 1)[1]
+    for key, value in spec["model"]["init_args"].items():
+        if key not in ("model", "adapter", "optimizer"):
+            assert getattr(cli.model, key) == value, key
+    assert cli.model.model_spec.path == spec["model"]["init_args"]["model"]["path"]
+    assert cli.datamodule.refusals == spec["data"]["init_args"].get("refusals")
+    assert bool(cli.datamodule.refusals) == cli.model.needs_refusals
+
+
 def test_print_config_resolves_objective_and_data(tmp_path, world_dir):
     result = run_cli("fit", "--config", str(fit_config(tmp_path, world_dir)), "--print_config")
     assert result.returncode == 0, result.stderr

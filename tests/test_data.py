@@ -140,7 +140,8 @@ def test_train_collator_handles_named_sub_batches():
 
 
 def test_unlearning_batches_with_refusals(world_dir, tokenizer_dir, tmp_path):
-    from lightning_unlearn.data.datamodule import UnlearningDataModule, load_refusals, refusal_records
+    from lightning_unlearn.data.datamodule import UnlearningDataModule
+    from lightning_unlearn.data.refusals import load_refusals, refusal_records
 
     def module(**kwargs):
         dm = UnlearningDataModule(

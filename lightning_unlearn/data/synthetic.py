@@ -27,10 +27,12 @@ from typing import TypeVar
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from lightning_unlearn.data.refusals import load_refusals
+
 T = TypeVar("T")
 
 # Bump when the generated content changes, so make_world regenerates worlds cached by older code.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the vocabulary covers the built-in refusals
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, UNK_TOKEN)
@@ -489,7 +491,8 @@ def _texts(splits: dict[str, list[dict]]) -> list[str]:
 
 
 def build_tokenizer(splits: dict[str, list[dict]]) -> PreTrainedTokenizerFast:
-    """A lowercase word-level fast tokenizer over every word of the world and of the prompt template.
+    """A lowercase word-level fast tokenizer over every word of the world, of the prompt template
+    and of the built-in refusals (so the IDK objectives train on words, not <unk>).
 
     Word-level keeps the vocabulary (and so the tiny model's embedding) small and makes every fact
     value one token; no post-processor, so no BOS/EOS is added (the prompt format appends EOS itself);
@@ -499,7 +502,7 @@ def build_tokenizer(splits: dict[str, list[dict]]) -> PreTrainedTokenizerFast:
     normalizer = normalizers.Lowercase()
     pre_tokenizer = pre_tokenizers.Whitespace()
     words: set[str] = set()
-    for text in [*_texts(splits), PROMPT_TEXT]:
+    for text in [*_texts(splits), PROMPT_TEXT, *load_refusals("builtin")]:
         words.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
     words -= set(SPECIAL_TOKENS)
     vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *sorted(words)])}

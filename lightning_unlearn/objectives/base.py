@@ -27,7 +27,7 @@ from transformers import SchedulerType, get_scheduler
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory
-from lightning_unlearn.losses import nll_loss, sequence_logprob
+from lightning_unlearn.losses import kl_divergence, nll_loss, sequence_logprob
 from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model, load_spec_tokenizer
 
 REFERENCE_POLICIES = ("adapter_off", "cached", "copy")
@@ -56,6 +56,8 @@ class UnlearningObjective(LightningModule):
     """
 
     uses_reference = False
+    # Whether batches need refusal sub-batches (forget_idk, retain_idk): the protocol adds them.
+    needs_refusals = False
     # Sub-batches whose reference enters the loss only as sequence log-probs: these can be cached.
     cacheable: tuple[str, ...] = ()
 
@@ -195,6 +197,20 @@ class UnlearningObjective(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.reference_cache = dict(checkpoint.get("reference_cache", {}))
 
+    def reference_kl(self, sub_batch: dict[str, Tensor], logits: Tensor | None = None) -> Tensor:
+        """KL(reference || model) per scored position, averaged over the sub-batch's label tokens;
+        ``logits`` are the model's, when the caller already has them."""
+        logits = self(sub_batch) if logits is None else logits
+        mask = sub_batch["labels"][:, 1:] != -100
+        return kl_divergence(logits[:, :-1], self.reference_logits(sub_batch)[:, :-1], mask)
+
+    def sub_batch(self, batch: dict, name: str) -> dict[str, Tensor]:
+        """``batch[name]``, or a clear error saying how to get it."""
+        if name not in batch:
+            how = "set the data module's refusals (builtin or a file)" if name.endswith("_idk") else ""
+            raise UserError(f"{type(self).__name__} needs '{name}' sub-batches; {how}".rstrip("; "))
+        return batch[name]
+
     # -- losses: the two methods a subclass overrides ---------------------------------------
     def forget_loss(self, batch: dict) -> Tensor:
         raise NotImplementedError
@@ -208,12 +224,19 @@ class UnlearningObjective(LightningModule):
         whose epoch values must be global means under DDP."""
         self.log(f"{stage}/{name}", value, prog_bar=stage == "train", sync_dist=stage != "train")
 
+    def active_terms(self, stage: str) -> tuple[bool, bool]:
+        """Which of (forget, retain) this step trains; both, except for alternating schedules."""
+        return True, True
+
     def step(self, batch: dict, stage: str) -> Tensor:
         """The objective on one batch, each term logged under ``stage/`` (train, val or test)."""
-        forget = self.forget_loss(batch)
-        loss = self.forget_weight * forget
-        self.log_term(stage, "forget_loss", forget)
-        if self.retain_weight > 0 and "retain" in batch:
+        use_forget, use_retain = self.active_terms(stage)
+        loss = torch.zeros((), device=self.device)
+        if use_forget:
+            forget = self.forget_loss(batch)
+            loss = loss + self.forget_weight * forget
+            self.log_term(stage, "forget_loss", forget)
+        if use_retain and self.retain_weight > 0 and "retain" in batch:
             retain = self.retain_loss(batch)
             loss = loss + self.retain_weight * retain
             self.log_term(stage, "retain_loss", retain)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.losses import kl_divergence, nll_loss
+from lightning_unlearn.losses import nll_loss
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 
@@ -37,6 +37,4 @@ class GradDiff(GradAscent):
     def retain_loss(self, batch: dict) -> Tensor:
         if self.retain_loss_type == "nll":
             return super().retain_loss(batch)
-        retain = batch["retain"]
-        mask = retain["labels"][:, 1:] != -100
-        return kl_divergence(self(retain)[:, :-1], self.reference_logits(retain)[:, :-1], mask)
+        return self.reference_kl(batch["retain"])
