@@ -55,3 +55,11 @@ def unlearning_data(world_dir, tokenizer_dir):
     )
     dm.setup("fit")
     return dm
+
+
+@pytest.fixture
+def no_logging(monkeypatch):
+    """training_step logs through self.log; outside a Trainer that is a no-op we do not need."""
+    import lightning as L
+
+    monkeypatch.setattr(L.LightningModule, "log", lambda *a, **k: None)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build, hf_nll, sgd_step
 
 from lightning_unlearn.data.datamodule import UnlearningDataModule
 from lightning_unlearn.errors import UserError
@@ -19,9 +19,7 @@ from lightning_unlearn.objectives.kl_teacher import KLTeacher
 LORA = LoraSpec(r=4, alpha=8)
 
 
-@pytest.fixture(autouse=True)
-def _no_logging(monkeypatch):
-    monkeypatch.setattr(L.LightningModule, "log", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("no_logging")
 
 
 @pytest.fixture
@@ -34,22 +32,6 @@ def idk_data(world_dir, tokenizer_dir) -> UnlearningDataModule:
     return dm
 
 
-def _build(cls, spec, **kwargs):
-    torch.manual_seed(0)
-    objective = cls(model=spec, **kwargs)
-    objective.configure_model()
-    return objective
-
-
-def _step(objective, batch, lr=0.5) -> None:
-    objective.model.zero_grad()
-    objective.training_step(batch, 0).backward()
-    with torch.no_grad():
-        for p in objective.parameters():
-            if p.grad is not None:
-                p -= lr * p.grad
-
-
 def _rows(sub):
     """Each row of a sub-batch unpadded, as its own batch of one."""
     for i in range(sub["input_ids"].shape[0]):
@@ -57,13 +39,9 @@ def _rows(sub):
         yield {k: sub[k][i : i + 1, :n] for k in ("input_ids", "attention_mask", "labels")}
 
 
-def _hf_nll(model, sub):
-    return model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], labels=sub["labels"]).loss
-
-
 def _hf_logprob(model, sub) -> torch.Tensor:
     """Sequence log-prob per row: HF's mean loss times the row's number of scored tokens."""
-    return torch.stack([-_hf_nll(model, row) * (row["labels"][0, 1:] != -100).sum() for row in _rows(sub)])
+    return torch.stack([-hf_nll(model, row) * (row["labels"][0, 1:] != -100).sum() for row in _rows(sub)])
 
 
 def _kl(model_logits, ref_logits, labels):
@@ -76,32 +54,32 @@ def _kl(model_logits, ref_logits, labels):
 
 def test_idk_nll_is_refusal_nll_plus_retain_nll_and_teaches_refusals(tiny_spec, idk_data):
     batch = next(iter(idk_data.train_dataloader()))
-    idk = _build(IdkNLL, tiny_spec, retain_weight=0.5)
-    want = _hf_nll(idk.model, batch["forget_idk"]) + 0.5 * _hf_nll(idk.model, batch["retain"])
+    idk = build(IdkNLL, tiny_spec, retain_weight=0.5)
+    want = hf_nll(idk.model, batch["forget_idk"]) + 0.5 * hf_nll(idk.model, batch["retain"])
     torch.testing.assert_close(idk.training_step(batch, 0), want)
-    before = _hf_nll(idk.model, batch["forget_idk"]).item()
-    _step(idk, batch)
-    assert _hf_nll(idk.model, batch["forget_idk"]).item() < before - 1e-3
+    before = hf_nll(idk.model, batch["forget_idk"]).item()
+    sgd_step(idk, batch)
+    assert hf_nll(idk.model, batch["forget_idk"]).item() < before - 1e-3
 
 
 def test_idk_ap_retain_term_is_answer_preservation(tiny_spec, idk_data):
     batch = next(iter(idk_data.train_dataloader()))
-    ap = _build(IdkAP, tiny_spec, beta=0.5)
+    ap = build(IdkAP, tiny_spec, beta=0.5)
     answer = _hf_logprob(ap.model, batch["retain"])
     refusal = _hf_logprob(ap.model, batch["retain_idk"])
     want_ap = -(1 / 0.5) * F.logsigmoid(0.5 * (answer - refusal)).mean()
     torch.testing.assert_close(ap.retain_loss(batch), want_ap, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(
-        ap.training_step(batch, 0), _hf_nll(ap.model, batch["forget_idk"]) + want_ap, rtol=1e-5, atol=1e-5
+        ap.training_step(batch, 0), hf_nll(ap.model, batch["forget_idk"]) + want_ap, rtol=1e-5, atol=1e-5
     )
     # Each term moves its way: refusals likelier on forget questions; the retain answers' margin
     # over refusals wider (on a random model the two compete for the same refusal words).
-    forget_side = _build(IdkAP, tiny_spec, beta=0.5, retain_weight=0.0)
-    before = _hf_nll(forget_side.model, batch["forget_idk"]).item()
-    _step(forget_side, batch, lr=0.2)
-    assert _hf_nll(forget_side.model, batch["forget_idk"]).item() < before - 1e-3
-    retain_side = _build(IdkAP, tiny_spec, beta=0.5, forget_weight=0.0)
-    _step(retain_side, batch, lr=0.01)
+    forget_side = build(IdkAP, tiny_spec, beta=0.5, retain_weight=0.0)
+    before = hf_nll(forget_side.model, batch["forget_idk"]).item()
+    sgd_step(forget_side, batch, lr=0.2)
+    assert hf_nll(forget_side.model, batch["forget_idk"]).item() < before - 1e-3
+    retain_side = build(IdkAP, tiny_spec, beta=0.5, forget_weight=0.0)
+    sgd_step(retain_side, batch, lr=0.01)
     model = retain_side.model
     new_margin = _hf_logprob(model, batch["retain"]) - _hf_logprob(model, batch["retain_idk"])
     assert new_margin.mean().item() > (answer - refusal).mean().item() + 1e-3
@@ -110,14 +88,14 @@ def test_idk_ap_retain_term_is_answer_preservation(tiny_spec, idk_data):
 @pytest.mark.parametrize("reference", ["cached", "adapter_off"])
 def test_idk_dpo_prefers_the_refusal_against_the_reference(tiny_spec, idk_data, reference):
     batch = next(iter(idk_data.train_dataloader()))
-    dpo = _build(IdkDPO, tiny_spec, adapter=LORA, beta=0.5, retain_weight=0.0, reference=reference)
+    dpo = build(IdkDPO, tiny_spec, adapter=LORA, beta=0.5, retain_weight=0.0, reference=reference)
     if reference == "cached":
         dpo.build_reference_cache(idk_data)
     # The model starts as its own reference: -(2/beta) ln(1/2).
     assert dpo.training_step(batch, 0).item() == pytest.approx(2 / 0.5 * math.log(2), rel=1e-5)
     ref_w, ref_l = _hf_logprob(dpo.model, batch["forget_idk"]), _hf_logprob(dpo.model, batch["forget"])
     for _ in range(2):
-        _step(dpo, batch, lr=0.2)
+        sgd_step(dpo, batch, lr=0.2)
     w, lose = _hf_logprob(dpo.model, batch["forget_idk"]), _hf_logprob(dpo.model, batch["forget"])
     want = -(2 / 0.5) * F.logsigmoid(0.5 * ((w - ref_w) - (lose - ref_l))).mean()
     torch.testing.assert_close(dpo.training_step(batch, 0), want, rtol=1e-5, atol=1e-5)
@@ -127,7 +105,7 @@ def test_idk_dpo_prefers_the_refusal_against_the_reference(tiny_spec, idk_data, 
 def test_idk_objectives_without_refusals_say_how_to_get_them(tiny_spec, unlearning_data):
     batch = next(iter(unlearning_data.train_dataloader()))
     with pytest.raises(UserError, match="IdkNLL needs 'forget_idk'.*refusals"):
-        _build(IdkNLL, tiny_spec).training_step(batch, 0)
+        build(IdkNLL, tiny_spec).training_step(batch, 0)
 
 
 def _teacher_and_student_logits(eul, subs):
@@ -140,10 +118,10 @@ def _teacher_and_student_logits(eul, subs):
 
 def test_kl_teacher_is_eul_objective(tiny_spec, unlearning_data):
     batch = next(iter(unlearning_data.train_dataloader()))
-    eul = _build(KLTeacher, tiny_spec, adapter=LORA)
+    eul = build(KLTeacher, tiny_spec, adapter=LORA)
     forget, retain = batch["forget"], batch["retain"]
     # Teacher = student at the start: both KL terms vanish, leaving -gamma NLL_f + lambda NLL_r.
-    start = -0.2 * _hf_nll(eul.model, forget) + 1.0 * _hf_nll(eul.model, retain)
+    start = -0.2 * hf_nll(eul.model, forget) + 1.0 * hf_nll(eul.model, retain)
     torch.testing.assert_close(eul.training_step(batch, 0), start, rtol=1e-5, atol=1e-5)
     # Move the student off the teacher (KL has zero gradient at its minimum) and compare again.
     with torch.no_grad():
@@ -153,18 +131,18 @@ def test_kl_teacher_is_eul_objective(tiny_spec, unlearning_data):
     (s_f, s_r), (t_f, t_r) = _teacher_and_student_logits(eul, (forget, retain))
     kl_f, kl_r = _kl(s_f, t_f, forget["labels"]), _kl(s_r, t_r, retain["labels"])
     assert kl_f.item() > 1e-3 and kl_r.item() > 1e-3
-    want = (-kl_f - 0.2 * _hf_nll(eul.model, forget)) + (0.8 * kl_r + 1.0 * _hf_nll(eul.model, retain))
+    want = (-kl_f - 0.2 * hf_nll(eul.model, forget)) + (0.8 * kl_r + 1.0 * hf_nll(eul.model, retain))
     torch.testing.assert_close(eul.training_step(batch, 0), want, rtol=1e-4, atol=1e-5)
     # A step on the forget terms alone pushes the student further from the teacher on forget.
     eul.retain_weight = 0.0
-    _step(eul, batch, lr=0.3)
+    sgd_step(eul, batch, lr=0.3)
     (s_f,), (t_f,) = _teacher_and_student_logits(eul, (forget,))
     assert _kl(s_f, t_f, forget["labels"]).item() > kl_f.item() + 1e-4
 
 
 def test_kl_teacher_alternating_schedule_trains_one_side_per_epoch(tiny_spec, unlearning_data, monkeypatch):
     batch = next(iter(unlearning_data.train_dataloader()))
-    eul = _build(KLTeacher, tiny_spec, adapter=LORA, schedule="alternating")
+    eul = build(KLTeacher, tiny_spec, adapter=LORA, schedule="alternating")
     forget_only = eul.forget_loss(batch)
     retain_only = eul.retain_loss(batch)
     for epoch, want in ((0, forget_only), (1, retain_only), (2, forget_only)):

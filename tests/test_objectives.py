@@ -7,75 +7,48 @@ import copy
 import lightning as L
 import pytest
 import torch
+from helpers import build, first_batch, hf_nll, sgd_step
 
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.losses import max_entropy_loss
 from lightning_unlearn.models import LoraSpec, ModelSpec
 from lightning_unlearn.objectives import FineTune, GradAscent, GradDiff, MaxEntropy
 
-
-def _batch(dm):
-    return next(iter(dm.train_dataloader()))
-
-
-def _hf_nll(model, sub):
-    """Hugging Face's own causal-LM loss: the independent reference for our nll_loss."""
-    return model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], labels=sub["labels"]).loss
-
-
-def _build(cls, spec, **kwargs):
-    objective = cls(model=spec, **kwargs)
-    objective.configure_model()
-    return objective
-
-
-def _sgd_step(objective, batch, lr=0.5):
-    objective.model.zero_grad()
-    objective.training_step(batch, 0).backward()
-    with torch.no_grad():
-        for p in objective.parameters():
-            if p.grad is not None:
-                p -= lr * p.grad
-
-
-@pytest.fixture(autouse=True)
-def _no_logging(monkeypatch):
-    # training_step logs through self.log; outside a Trainer that is a no-op we do not need.
-    monkeypatch.setattr(L.LightningModule, "log", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("no_logging")
 
 
 def test_grad_diff_loss_is_minus_forget_nll_plus_alpha_retain_nll(tiny_spec, unlearning_data):
     torch.manual_seed(0)
-    batch = _batch(unlearning_data)
-    gd = _build(GradDiff, tiny_spec, forget_weight=1.5, retain_weight=0.7)
-    expected = -1.5 * _hf_nll(gd.model, batch["forget"]) + 0.7 * _hf_nll(gd.model, batch["retain"])
+    batch = first_batch(unlearning_data)
+    gd = build(GradDiff, tiny_spec, forget_weight=1.5, retain_weight=0.7)
+    expected = -1.5 * hf_nll(gd.model, batch["forget"]) + 0.7 * hf_nll(gd.model, batch["retain"])
     torch.testing.assert_close(gd.training_step(batch, 0), expected)
-    ga = _build(GradAscent, tiny_spec)
-    torch.testing.assert_close(ga.training_step(batch, 0), -_hf_nll(ga.model, batch["forget"]))
+    ga = build(GradAscent, tiny_spec)
+    torch.testing.assert_close(ga.training_step(batch, 0), -hf_nll(ga.model, batch["forget"]))
 
 
 def test_grad_ascent_step_raises_forget_nll(tiny_spec, unlearning_data):
-    batch = _batch(unlearning_data)
-    ga = _build(GradAscent, tiny_spec)
-    before = _hf_nll(ga.model, batch["forget"]).item()
-    _sgd_step(ga, batch)
-    assert _hf_nll(ga.model, batch["forget"]).item() > before + 1e-3
+    batch = first_batch(unlearning_data)
+    ga = build(GradAscent, tiny_spec)
+    before = hf_nll(ga.model, batch["forget"]).item()
+    sgd_step(ga, batch)
+    assert hf_nll(ga.model, batch["forget"]).item() > before + 1e-3
 
 
 def test_grad_diff_step_lowers_loss_and_raises_forget_nll(tiny_spec, unlearning_data):
-    batch = _batch(unlearning_data)
-    gd = _build(GradDiff, tiny_spec)
-    before_forget = _hf_nll(gd.model, batch["forget"]).item()
+    batch = first_batch(unlearning_data)
+    gd = build(GradDiff, tiny_spec)
+    before_forget = hf_nll(gd.model, batch["forget"]).item()
     before = gd.training_step(batch, 0).item()
-    _sgd_step(gd, batch, lr=0.1)
+    sgd_step(gd, batch, lr=0.1)
     assert gd.training_step(batch, 0).item() < before
-    assert _hf_nll(gd.model, batch["forget"]).item() > before_forget
+    assert hf_nll(gd.model, batch["forget"]).item() > before_forget
 
 
 def test_max_entropy_step_moves_forget_towards_uniform(tiny_spec, unlearning_data):
-    batch = _batch(unlearning_data)
+    batch = first_batch(unlearning_data)
     # Make the starting model confident (far from uniform) so the direction is unambiguous.
-    me = _build(MaxEntropy, tiny_spec, forget_weight=1.0, retain_weight=0.0)
+    me = build(MaxEntropy, tiny_spec, forget_weight=1.0, retain_weight=0.0)
     with torch.no_grad():
         me.model.lm_head.weight.mul_(50)
     forget = batch["forget"]
@@ -85,7 +58,7 @@ def test_max_entropy_step_moves_forget_towards_uniform(tiny_spec, unlearning_dat
 
     before = kl_to_uniform()
     torch.testing.assert_close(me.training_step(batch, 0).item(), before, rtol=1e-5, atol=1e-6)
-    _sgd_step(me, batch, lr=1e-3)
+    sgd_step(me, batch, lr=1e-3)
     assert kl_to_uniform() < before
 
 
@@ -97,24 +70,24 @@ def test_finetune_step_lowers_nll(tiny_spec, world_dir, tokenizer_dir):
     )
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    ft = _build(FineTune, tiny_spec)
+    ft = build(FineTune, tiny_spec)
     before = ft.training_step(batch, 0).item()
-    torch.testing.assert_close(ft.training_step(batch, 0), _hf_nll(ft.model, batch))
-    _sgd_step(ft, batch, lr=1.0)
+    torch.testing.assert_close(ft.training_step(batch, 0), hf_nll(ft.model, batch))
+    sgd_step(ft, batch, lr=1.0)
     assert ft.training_step(batch, 0).item() < before
 
 
 @pytest.mark.parametrize("policy", ["adapter_off", "copy"])
 def test_reference_is_the_model_before_unlearning(tiny_spec, unlearning_data, policy):
-    batch = _batch(unlearning_data)
+    batch = first_batch(unlearning_data)
     adapter = LoraSpec(r=4, alpha=8) if policy == "adapter_off" else None
-    gd = _build(GradDiff, tiny_spec, adapter=adapter, reference=policy, retain_loss_type="kl")
+    gd = build(GradDiff, tiny_spec, adapter=adapter, reference=policy, retain_loss_type="kl")
     original = copy.deepcopy(gd.model if adapter is None else gd.model.get_base_model())
     retain = batch["retain"]
     # KL to the reference is zero before any update...
     assert gd.retain_loss(batch).item() == pytest.approx(0.0, abs=1e-6)
     for _ in range(2):
-        _sgd_step(gd, batch, lr=0.5)
+        sgd_step(gd, batch, lr=0.5)
     # ...and afterwards the reference still returns the original model's logits, not the current ones.
     with torch.no_grad():
         want = original(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
@@ -126,11 +99,11 @@ def test_reference_is_the_model_before_unlearning(tiny_spec, unlearning_data, po
 def test_lora_trains_only_the_adapter_and_export_merges_exactly(tiny_spec, unlearning_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    batch = _batch(unlearning_data)
-    ga = _build(GradAscent, tiny_spec, adapter=LoraSpec(r=4, alpha=8))
+    batch = first_batch(unlearning_data)
+    ga = build(GradAscent, tiny_spec, adapter=LoraSpec(r=4, alpha=8))
     trainable = [n for n, p in ga.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    _sgd_step(ga, batch, lr=0.5)
+    sgd_step(ga, batch, lr=0.5)
     merged = AutoModelForCausalLM.from_pretrained(ga.export(tmp_path / "merged"))
     forget = batch["forget"]
     with torch.no_grad():
@@ -171,7 +144,7 @@ def test_validate_logs_plain_nll_of_each_sub_batch(tiny_spec, world_dir, tokeniz
     )
     (metrics,) = trainer.validate(gd, datamodule=dm)
     batch = next(iter(dm.val_dataloader()))  # one batch holds the whole forget split
-    forget_nll = _hf_nll(gd.model, batch["forget"]).item()
+    forget_nll = hf_nll(gd.model, batch["forget"]).item()
     assert metrics["val/forget_nll"] == pytest.approx(forget_nll, rel=1e-5)
     assert metrics["val/forget_loss"] == pytest.approx(-forget_nll, rel=1e-5)
     # The two terms nearly cancel: compare absolutely, at float32 resolution of the terms.
@@ -183,16 +156,16 @@ def test_npo_loss_against_reference_and_direction(tiny_spec, unlearning_data):
 
     from lightning_unlearn.objectives import NPO
 
-    batch = _batch(unlearning_data)
-    npo = _build(
+    batch = first_batch(unlearning_data)
+    npo = build(
         NPO, tiny_spec, adapter=LoraSpec(r=4, alpha=8), beta=0.5, retain_weight=0.0, reference="adapter_off"
     )
     # Before any update the model is its own reference: -(2/beta) ln(1/2) exactly.
     assert npo.training_step(batch, 0).item() == pytest.approx(2 / 0.5 * math.log(2), rel=1e-5)
-    before = _hf_nll(npo.model, batch["forget"]).item()
+    before = hf_nll(npo.model, batch["forget"]).item()
     for _ in range(3):
-        _sgd_step(npo, batch, lr=0.5)
-    assert _hf_nll(npo.model, batch["forget"]).item() > before
+        sgd_step(npo, batch, lr=0.5)
+    assert hf_nll(npo.model, batch["forget"]).item() > before
     assert npo.training_step(batch, 0).item() < 2 / 0.5 * math.log(2)
 
 
@@ -201,12 +174,12 @@ def test_simnpo_loss_from_hf_per_sequence_nll(tiny_spec, unlearning_data):
 
     from lightning_unlearn.objectives import SimNPO
 
-    batch = _batch(unlearning_data)
-    sim = _build(SimNPO, tiny_spec, beta=2.0, delta=0.5, retain_weight=0.0)
+    batch = first_batch(unlearning_data)
+    sim = build(SimNPO, tiny_spec, beta=2.0, delta=0.5, retain_weight=0.0)
     forget = batch["forget"]
     per_seq = torch.stack(
         [
-            _hf_nll(
+            hf_nll(
                 sim.model,
                 {
                     k: forget[k][i : i + 1, : int(forget["attention_mask"][i].sum())]
@@ -220,7 +193,7 @@ def test_simnpo_loss_from_hf_per_sequence_nll(tiny_spec, unlearning_data):
     torch.testing.assert_close(sim.training_step(batch, 0), expected, rtol=1e-5, atol=1e-6)
     # Direction: with delta near the current NLL the sigmoid is not saturated (at NLL ~ ln V and
     # delta 0 SimNPO's gradient vanishes, by design), and a step raises the forget NLL.
-    sim = _build(SimNPO, tiny_spec, beta=0.5, delta=5.0, forget_weight=1.0, retain_weight=0.0)
-    before = _hf_nll(sim.model, forget).item()
-    _sgd_step(sim, batch, lr=2.0)
-    assert _hf_nll(sim.model, forget).item() > before + 1e-3
+    sim = build(SimNPO, tiny_spec, beta=0.5, delta=5.0, forget_weight=1.0, retain_weight=0.0)
+    before = hf_nll(sim.model, forget).item()
+    sgd_step(sim, batch, lr=2.0)
+    assert hf_nll(sim.model, forget).item() > before + 1e-3

@@ -8,11 +8,11 @@ import copy
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
 from conftest import TINY_LLAMA
+from helpers import build, first_batch, sgd_step
 
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.losses import (
@@ -35,23 +35,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tofu"
 
 
 # -- helpers (as in test_objectives.py) ------------------------------------------------------------
-def _batch(dm):
-    return next(iter(dm.train_dataloader()))
-
-
-def _build(cls, spec, **kwargs):
-    objective = cls(model=spec, **kwargs)
-    objective.configure_model()
-    return objective
-
-
-def _sgd_step(objective, batch, lr=0.5):
-    objective.model.zero_grad()
-    objective.training_step(batch, 0).backward()
-    with torch.no_grad():
-        for p in objective.parameters():
-            if p.grad is not None:
-                p -= lr * p.grad
 
 
 def _logits(model, sub, **kwargs):
@@ -73,10 +56,7 @@ def _memorise(objective, sub, steps=10, lr=0.02):
     objective.model.zero_grad()
 
 
-@pytest.fixture(autouse=True)
-def _no_logging(monkeypatch):
-    # training_step logs through self.log; outside a Trainer that is a no-op we do not need.
-    monkeypatch.setattr(L.LightningModule, "log", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("no_logging")
 
 
 @pytest.fixture
@@ -254,9 +234,9 @@ def test_reweighted_gradients_are_the_weighted_ga_gradients():
 # -- objectives against the model's own outputs ------------------------------------------------------
 @pytest.mark.parametrize("policy", ["copy", "adapter_off"])
 def test_rmu_loss_is_steering_mse_plus_embed_diff(two_layer_spec, unlearning_data, policy):
-    batch = _batch(unlearning_data)
+    batch = first_batch(unlearning_data)
     adapter = LoraSpec(r=4, alpha=8) if policy == "adapter_off" else None
-    rmu = _build(RMU, two_layer_spec, adapter=adapter, reference=policy, layer=0, steering_coeff=3.0,
+    rmu = build(RMU, two_layer_spec, adapter=adapter, reference=policy, layer=0, steering_coeff=3.0,
                  forget_weight=1.5, retain_weight=0.7)  # fmt: skip
     original = copy.deepcopy(rmu.model if adapter is None else rmu.model.get_base_model())
     torch.manual_seed(0)
@@ -282,11 +262,11 @@ def test_rmu_loss_is_steering_mse_plus_embed_diff(two_layer_spec, unlearning_dat
 
 
 def test_rmu_step_moves_forget_activations_towards_the_steering_vector(two_layer_spec, unlearning_data):
-    batch = _batch(unlearning_data)
-    rmu = _build(RMU, two_layer_spec, layer=0)  # default steering_coeff 2, retain embed_diff, alpha 1
+    batch = first_batch(unlearning_data)
+    rmu = build(RMU, two_layer_spec, layer=0)  # default steering_coeff 2, retain embed_diff, alpha 1
     forget_hidden = rmu.layer_output(batch["forget"]).detach()
     before = rmu.forget_loss(batch).item()
-    _sgd_step(rmu, batch, lr=1.0)
+    sgd_step(rmu, batch, lr=1.0)
     after_hidden = rmu.layer_output(batch["forget"]).detach()
     assert rmu.forget_loss(batch).item() < before - 1e-3
     # ...by turning the forget activations towards u (their cosine with it grows).
@@ -296,14 +276,14 @@ def test_rmu_step_moves_forget_activations_towards_the_steering_vector(two_layer
     cos_after = torch.cosine_similarity(after_hidden[mask], u[None], dim=-1).mean()
     assert cos_after > cos_before + 0.01
     # The direction is fixed by the seed.
-    again, other = _build(RMU, two_layer_spec, layer=0), _build(RMU, two_layer_spec, layer=0, seed=1)
+    again, other = build(RMU, two_layer_spec, layer=0), build(RMU, two_layer_spec, layer=0, seed=1)
     torch.testing.assert_close(again.steering_vector, rmu.steering_vector)
     assert not torch.allclose(other.steering_vector, rmu.steering_vector)
 
 
 def test_rmu_freezes_what_its_loss_cannot_reach(two_layer_spec, unlearning_data):
-    batch = _batch(unlearning_data)
-    rmu = _build(RMU, two_layer_spec, layer=0)
+    batch = first_batch(unlearning_data)
+    rmu = build(RMU, two_layer_spec, layer=0)
     base = rmu.model
     assert not any(p.requires_grad for p in base.model.layers[1].parameters())
     assert not base.model.norm.weight.requires_grad and not base.lm_head.weight.requires_grad
@@ -311,7 +291,7 @@ def test_rmu_freezes_what_its_loss_cannot_reach(two_layer_spec, unlearning_data)
     rmu.training_step(batch, 0).backward()
     # Every trainable parameter gets a gradient (DDP without find_unused_parameters needs that).
     assert all(p.grad is not None for p in rmu.parameters() if p.requires_grad)
-    nll = _build(RMU, two_layer_spec, layer=0, retain_loss_type="nll")
+    nll = build(RMU, two_layer_spec, layer=0, retain_loss_type="nll")
     assert all(p.requires_grad for p in nll.model.parameters())
     expected = nll.forget_loss(batch) + _hf_nll(nll.model, batch["retain"])
     torch.testing.assert_close(nll.training_step(batch, 0), expected)
@@ -321,18 +301,18 @@ def test_rmu_layer_out_of_range_is_a_user_error(tiny_spec):
     with pytest.raises(
         UserError, match=r"layer 7 is out of range: the model has 1 decoder layers \(0 to 0\)"
     ):
-        _build(RMU, tiny_spec)
+        build(RMU, tiny_spec)
     with pytest.raises(UserError, match="layer 1 is out of range: the model has 1 decoder layers"):
-        _build(RMU, tiny_spec, layer=1, adapter=LoraSpec(r=4, alpha=8))  # through the peft wrapper
-    _build(RMU, tiny_spec, layer=0, adapter=LoraSpec(r=4, alpha=8))
+        build(RMU, tiny_spec, layer=1, adapter=LoraSpec(r=4, alpha=8))  # through the peft wrapper
+    build(RMU, tiny_spec, layer=0, adapter=LoraSpec(r=4, alpha=8))
 
 
 def test_undial_loss_against_the_teacher_and_direction(tiny_spec, unlearning_data):
-    batch = _batch(unlearning_data)
+    batch = first_batch(unlearning_data)
     forget = batch["forget"]
-    undial = _build(UNDIAL, tiny_spec, reference="copy", beta=2.0, forget_weight=1.3, retain_weight=0.4)
+    undial = build(UNDIAL, tiny_spec, reference="copy", beta=2.0, forget_weight=1.3, retain_weight=0.4)
     teacher = copy.deepcopy(undial.model)
-    _sgd_step(undial, batch, lr=0.5)  # so the student is no longer the teacher
+    sgd_step(undial, batch, lr=0.5)  # so the student is no longer the teacher
     with torch.no_grad():
         student_logits, teacher_logits = _logits(undial.model, forget).logits, _logits(teacher, forget).logits
         assert not torch.allclose(student_logits, teacher_logits, atol=1e-4)
@@ -340,18 +320,18 @@ def test_undial_loss_against_the_teacher_and_direction(tiny_spec, unlearning_dat
         expected = expected + 0.4 * _hf_nll(undial.model, batch["retain"])
     torch.testing.assert_close(undial.training_step(batch, 0), expected)
     # Default (beta 10, no retain term): a step lowers the loss and the label tokens' probability.
-    undial = _build(UNDIAL, tiny_spec)
+    undial = build(UNDIAL, tiny_spec)
     before_loss, before_nll = undial.training_step(batch, 0).item(), _hf_nll(undial.model, forget).item()
-    _sgd_step(undial, batch, lr=0.5)
+    sgd_step(undial, batch, lr=0.5)
     assert undial.training_step(batch, 0).item() < before_loss
     assert _hf_nll(undial.model, forget).item() > before_nll + 1e-3
 
 
 @pytest.mark.parametrize("cls", [WGA, SatImp])
 def test_reweighted_loss_against_loops(tiny_spec, unlearning_data, cls):
-    batch = _batch(unlearning_data)
+    batch = first_batch(unlearning_data)
     forget = batch["forget"]
-    obj = _build(cls, tiny_spec, forget_weight=0.9, retain_weight=0.6)
+    obj = build(cls, tiny_spec, forget_weight=0.9, retain_weight=0.6)
     _memorise(obj, forget)  # p_t away from 1/V, so the weights are not all ~0
     with torch.no_grad():
         logits = _logits(obj.model, forget).logits
@@ -366,21 +346,21 @@ def test_reweighted_loss_against_loops(tiny_spec, unlearning_data, cls):
 
 @pytest.mark.parametrize("cls", [WGA, SatImp, CEU])
 def test_step_raises_forget_nll_of_a_memorised_answer(tiny_spec, unlearning_data, cls):
-    batch = _batch(unlearning_data)
+    batch = first_batch(unlearning_data)
     forget = batch["forget"]
-    obj = _build(cls, tiny_spec, forget_weight=1.0, retain_weight=0.0)
+    obj = build(cls, tiny_spec, forget_weight=1.0, retain_weight=0.0)
     _memorise(obj, forget)
     before = _hf_nll(obj.model, forget).item()
     assert before < 0.5 * LN(obj.model.config.vocab_size)  # memorised: p_t far above 1/V
     for _ in range(3):
-        _sgd_step(obj, batch, lr=1.0)
+        sgd_step(obj, batch, lr=1.0)
     assert _hf_nll(obj.model, forget).item() > before + 1e-2
 
 
 def test_ce_u_loss_skips_the_first_answer_token(tiny_spec, unlearning_data):
-    batch = _batch(unlearning_data)
+    batch = first_batch(unlearning_data)
     forget = batch["forget"]
-    ceu = _build(CEU, tiny_spec, retain_weight=0.5)
+    ceu = build(CEU, tiny_spec, retain_weight=0.5)
     with torch.no_grad():
         logits = _logits(ceu.model, forget).logits
     labels = forget["labels"].clone()
@@ -388,7 +368,7 @@ def test_ce_u_loss_skips_the_first_answer_token(tiny_spec, unlearning_data):
         row[int((row != -100).nonzero()[0])] = -100
     expected = _loop_ce_u(logits, labels) + 0.5 * _hf_nll(ceu.model, batch["retain"])
     torch.testing.assert_close(ceu.training_step(batch, 0), expected)
-    every = _build(CEU, tiny_spec, ignore_first_n_answer_tokens=0, retain_weight=0.0)
+    every = build(CEU, tiny_spec, ignore_first_n_answer_tokens=0, retain_weight=0.0)
     torch.testing.assert_close(every.training_step(batch, 0), _loop_ce_u(logits, forget["labels"]))
 
 

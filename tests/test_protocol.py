@@ -10,7 +10,7 @@ from conftest import TINY_LLAMA
 from lightning_unlearn.data.synthetic import WorldConfig
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.models import ModelSpec
-from lightning_unlearn.objectives import FineTune, GradAscent, GradDiff
+from lightning_unlearn.objectives import NPO, FineTune, GradAscent, GradDiff, IdkAP
 from lightning_unlearn.protocol import DataSettings, EvalSettings, Protocol, Stage
 
 
@@ -28,6 +28,9 @@ def _protocol(tmp_path, **overrides) -> Protocol:
         "objectives": {
             "ga": Stage(objective=GradAscent(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
             "gd": Stage(objective=GradDiff(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
+            # NPO builds its cached reference inside fit; IdkAP needs the refusal sub-batches.
+            "npo": Stage(objective=NPO(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
+            "idk_ap": Stage(objective=IdkAP(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
         },
         "data": DataSettings(
             world=WorldConfig(
@@ -52,7 +55,7 @@ def test_protocol_writes_one_report_entry_per_model(tmp_path):
     reports = _protocol(tmp_path).run()
     run = tmp_path / "runs" / "mini"
     saved = json.loads((run / "report.json").read_text())
-    assert list(saved) == ["finetuned", "retain", "ga", "gd"]
+    assert list(saved) == ["finetuned", "retain", "ga", "gd", "npo", "idk_ap"]
     for name, entry in saved.items():
         assert entry["metrics"] == pytest.approx(reports[name].metrics)
         assert (run / "models" / name / "config.json").is_file()
@@ -63,8 +66,9 @@ def test_protocol_writes_one_report_entry_per_model(tmp_path):
     assert saved["retain"]["metrics"]["forget_quality"] == 1.0
     # The target was trained on the forget answers, the retain model was not.
     assert saved["finetuned"]["metrics"]["forget_Q_A_Prob"] > saved["retain"]["metrics"]["forget_Q_A_Prob"]
-    # Gradient ascent lowers the probability of the forget answers.
-    assert saved["ga"]["metrics"]["forget_Q_A_Prob"] < saved["finetuned"]["metrics"]["forget_Q_A_Prob"]
+    # Gradient ascent, NPO and refusal training lower the probability of the forget answers.
+    for name in ("ga", "npo", "idk_ap"):
+        assert saved[name]["metrics"]["forget_Q_A_Prob"] < saved["finetuned"]["metrics"]["forget_Q_A_Prob"]
     # Splits: the target's training set is retain + forget, and forget is its last rows.
     full = (run / "splits" / "full.json").read_text().splitlines()
     forget = (run / "splits" / "forget.json").read_text().splitlines()

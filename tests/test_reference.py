@@ -6,16 +6,14 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from helpers import sgd_step
 
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.losses import sequence_logprob
 from lightning_unlearn.models import LoraSpec
 from lightning_unlearn.objectives import NPO, GradDiff
 
-
-@pytest.fixture(autouse=True)
-def _no_logging(monkeypatch):
-    monkeypatch.setattr(L.LightningModule, "log", lambda *a, **k: None)
+pytestmark = pytest.mark.usefixtures("no_logging")
 
 
 def _npo(spec, **kwargs) -> NPO:
@@ -23,15 +21,6 @@ def _npo(spec, **kwargs) -> NPO:
     npo = NPO(model=spec, beta=0.5, retain_weight=0.0, **kwargs)
     npo.configure_model()
     return npo
-
-
-def _sgd(objective, batch, lr=0.5) -> None:
-    objective.model.zero_grad()
-    objective.training_step(batch, 0).backward()
-    with torch.no_grad():
-        for p in objective.parameters():
-            if p.grad is not None:
-                p -= lr * p.grad
 
 
 @pytest.mark.parametrize("adapter", [None, LoraSpec(r=4, alpha=8)], ids=["full", "lora"])
@@ -51,8 +40,8 @@ def test_cached_reference_equals_the_exact_reference_after_updates(tiny_spec, un
     batches = list(unlearning_data.train_dataloader())
     for batch in batches[:3]:  # identical losses, hence identical updates, step after step
         torch.testing.assert_close(cached.training_step(batch, 0), exact.training_step(batch, 0))
-        _sgd(exact, batch)
-        _sgd(cached, batch)
+        sgd_step(exact, batch)
+        sgd_step(cached, batch)
     batch = batches[0]
     assert cached.training_step(batch, 0).item() != pytest.approx(2 / 0.5 * 0.6931471805599453, rel=1e-4)
     torch.testing.assert_close(cached.training_step(batch, 0), exact.training_step(batch, 0))
@@ -84,3 +73,20 @@ def test_cache_survives_a_checkpoint(tiny_spec, unlearning_data):
     )
     with pytest.raises(RuntimeError, match="no cached reference"):
         _npo(tiny_spec).reference_logprob("forget", next(iter(unlearning_data.train_dataloader()))["forget"])
+
+
+def test_fit_builds_the_cache_over_several_batches_under_autocast(tiny_spec, unlearning_data):
+    expected = _npo(tiny_spec)
+    expected.build_reference_cache(unlearning_data)
+    npo = _npo(tiny_spec)
+    trainer = L.Trainer(
+        accelerator="cpu", precision="bf16-mixed", max_steps=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(npo, datamodule=unlearning_data)  # batch 4, 10 forget items: three cache batches
+    # bf16 autocast scores like the training step does: close to, not equal to, the float32 cache.
+    cache = npo.reference_cache["forget"]
+    assert cache.shape == expected.reference_cache["forget"].shape and not torch.equal(
+        cache, expected.reference_cache["forget"]
+    )
+    torch.testing.assert_close(cache, expected.reference_cache["forget"], rtol=2e-2, atol=0.5)

@@ -148,8 +148,6 @@ class UnlearningObjective(LightningModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         was_training = self.model.training
         self.model.eval()
-        # The same autocast as the training step, so a cached value equals the one a step would compute.
-        precision = trainer.precision_plugin.forward_context() if trainer is not None else nullcontext()
         try:
             for name in self.cacheable:
                 size = len(getattr(datamodule.dataset, name) or [])
@@ -157,6 +155,8 @@ class UnlearningObjective(LightningModule):
                 counts = torch.zeros(size, dtype=torch.float64, device=self.device)
                 for sub in datamodule.reference_loader(name, rank, world):
                     sub = {k: v.to(self.device) for k, v in sub.items()}
+                    # The training step's autocast, so a cached value equals what a step would compute.
+                    precision = trainer.precision_plugin.forward_context() if trainer else nullcontext()
                     # Fit has not updated the weights yet, so without an adapter they are the target.
                     adapter_off = self.model.disable_adapter() if self.adapter_spec else nullcontext()
                     with precision, adapter_off:

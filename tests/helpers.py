@@ -1,0 +1,33 @@
+"""Small helpers shared by the objective tests: build an objective outside a Trainer, take a
+plain SGD step, and Hugging Face's own loss as the independent reference."""
+
+from __future__ import annotations
+
+import torch
+
+
+def first_batch(datamodule) -> dict:
+    return next(iter(datamodule.train_dataloader()))
+
+
+def hf_nll(model, sub: dict) -> torch.Tensor:
+    """Hugging Face's own causal-LM loss: the independent reference for our nll_loss."""
+    return model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"], labels=sub["labels"]).loss
+
+
+def build(cls, spec, **kwargs):
+    """``cls`` with its model loaded; torch is seeded first so LoRA initialisations agree."""
+    torch.manual_seed(0)
+    objective = cls(model=spec, **kwargs)
+    objective.configure_model()
+    return objective
+
+
+def sgd_step(objective, batch: dict, lr: float = 0.5) -> None:
+    """One plain gradient step on ``objective``'s training loss."""
+    objective.model.zero_grad()
+    objective.training_step(batch, 0).backward()
+    with torch.no_grad():
+        for p in objective.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
