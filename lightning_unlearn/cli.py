@@ -7,14 +7,17 @@ Mistakes a user can fix (``UserError``) print one line and exit with status 2, n
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning_unlearn.errors import UserError
 
-USAGE = """usage: lightning-unlearn {fit,validate,test,protocol} [--config FILE] [--print_config] [--help]
+USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,evaluate} [--config FILE] [--print_config] [--help]
 
   fit / validate / test   LightningCLI over an UnlearningObjective and a DataModule
   protocol                fine-tune target and retain models, unlearn with each objective,
                           evaluate all of them and write runs/<name>/report.json
+  evaluate                the evaluation suite on one saved model (or base model + adapter):
+                          report.json, report.md, truth_ratios.png in --out_dir
 """
 
 
@@ -31,6 +34,23 @@ def protocol_main(argv: list[str]) -> None:
     init = parser.instantiate(parser.parse_args(argv)).as_dict()
     init.pop("config", None)
     Protocol(**init).run()
+
+
+def evaluate_main(argv: list[str]) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lightning_unlearn.evaluate import EvaluateCommand
+
+    parser = ArgumentParser(prog="lightning-unlearn evaluate", description=EvaluateCommand.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
+    parser.add_class_arguments(EvaluateCommand, None, as_group=False)
+    init = parser.instantiate(parser.parse_args(argv)).as_dict()
+    init.pop("config", None)
+    report = EvaluateCommand(**init).run()
+    from lightning_unlearn.report import metrics_table
+
+    print(metrics_table({"model": report.metrics}))
+    print(f"report: {Path(init['out_dir']) / 'report.json'}")
 
 
 def lightning_main(argv: list[str] | None, run: bool = True):
@@ -65,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[0] == "protocol":
             protocol_main(argv[1:])
+        elif argv[0] == "evaluate":
+            evaluate_main(argv[1:])
         else:
             lightning_main(None if argv == sys.argv[1:] else argv)
     except UserError as err:

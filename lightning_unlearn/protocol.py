@@ -26,6 +26,7 @@ from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality
 from lightning_unlearn.models import ModelSpec, load_model, load_spec_tokenizer
 from lightning_unlearn.objectives import FineTune, UnlearningObjective
+from lightning_unlearn.plots import truth_ratio_histograms
 from lightning_unlearn.report import Report, metrics_table
 
 TABLE_COLUMNS = [
@@ -249,6 +250,13 @@ class Protocol:
             json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=1) + "\n",
         )
         write_text_atomic(self.run_dir / "report.md", table + "\n")
+        truth_ratios = {
+            n: r.per_sample["forget_truth_ratio"]
+            for n, r in reports.items()
+            if "forget_truth_ratio" in r.per_sample
+        }
+        if truth_ratios:
+            truth_ratio_histograms(truth_ratios, self.run_dir / "truth_ratios.png")
         print(table)
         print(
             f"[{self.name}] done in {time.perf_counter() - start:.0f} s; report: {self.run_dir / 'report.json'}"

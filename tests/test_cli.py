@@ -76,6 +76,10 @@ def test_help_lists_subcommands():
     assert fit.returncode == 0 and "--print_config" in fit.stdout and "--model" in fit.stdout
     protocol = run_cli("protocol", "--help")
     assert protocol.returncode == 0 and "--objectives" in protocol.stdout
+    evaluate = run_cli("evaluate", "--help")
+    assert evaluate.returncode == 0 and "--adapter" in evaluate.stdout and "--retain_report" in evaluate.stdout
+    missing = run_cli("evaluate", "--model", "/nonexistent/model", "--source", "/nonexistent/tofu")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
 
 @pytest.mark.parametrize(

@@ -120,3 +120,45 @@ def test_evaluator_bad_input(setup):
     del broken[2]["paraphrased_answer"]
     with pytest.raises(UserError, match="missing field 'paraphrased_answer'"):
         Evaluator(tokenizer, {"forget": broken})
+
+
+def test_evaluate_command_on_base_plus_adapter_equals_the_merged_model(
+    tmp_path, world_dir, tiny_spec, no_logging
+):
+    """`lightning-unlearn evaluate` on base + adapter gives the merged model's numbers; the retain
+    report feeds forget_quality; report files and the truth-ratio plot are written."""
+    from helpers import build, first_batch, sgd_step
+
+    from lightning_unlearn.data.datamodule import UnlearningDataModule
+    from lightning_unlearn.evaluate import EvaluateCommand
+    from lightning_unlearn.models import LoraSpec
+    from lightning_unlearn.objectives import GradAscent
+
+    base = build(GradAscent, tiny_spec)
+    base.export(tmp_path / "base")
+    spec = type(tiny_spec)(path=str(tmp_path / "base"))
+    ga = build(GradAscent, spec, adapter=LoraSpec(r=4, alpha=8))
+    dm = UnlearningDataModule(tokenizer=str(tmp_path / "base"), source=str(world_dir), forget_split="forget10",
+                              retain_split="retain90", max_length=64)  # fmt: skip
+    dm.setup()
+    sgd_step(ga, first_batch(dm), lr=1.0)
+    ga.export(tmp_path / "adapter", merge=False)
+    ga.export(tmp_path / "merged", merge=True)
+
+    splits = {"forget": "forget10_perturbed", "retain": "retain_perturbed"}
+    common = dict(source=str(world_dir), splits=splits, limit=5, max_new_tokens=8, max_length=64)
+    retain = EvaluateCommand(model=str(tmp_path / "base"), out_dir=str(tmp_path / "r"), **common).run()
+    kwargs = dict(retain_report=str(tmp_path / "r"), **common)
+    with_adapter = EvaluateCommand(
+        model=str(tmp_path / "base"), adapter=str(tmp_path / "adapter"), out_dir=str(tmp_path / "a"), **kwargs
+    ).run()
+    merged = EvaluateCommand(model=str(tmp_path / "merged"), out_dir=str(tmp_path / "m"), **kwargs).run()
+    assert len(with_adapter.per_sample["forget_truth_ratio"]) == 5
+    assert with_adapter.metrics == pytest.approx(merged.metrics, rel=1e-4)
+    want = ks_2samp(with_adapter.per_sample["forget_truth_ratio"], retain.per_sample["forget_truth_ratio"])
+    assert with_adapter.metrics["forget_quality"] == pytest.approx(want.pvalue)
+    assert with_adapter.metrics["forget_Q_A_Prob"] != pytest.approx(
+        retain.metrics["forget_Q_A_Prob"], rel=1e-3
+    )
+    for name in ("report.json", "report.md", "truth_ratios.png"):
+        assert (tmp_path / "a" / name).stat().st_size > 0

@@ -74,6 +74,7 @@ def test_protocol_writes_one_report_entry_per_model(tmp_path):
     forget = (run / "splits" / "forget.json").read_text().splitlines()
     assert full[-len(forget) :] == forget
     assert "| ga |" in (run / "report.md").read_text()
+    assert (run / "truth_ratios.png").stat().st_size > 0
 
 
 def test_protocol_bad_data_leaves_no_complete_looking_output(tmp_path):

@@ -1,0 +1,91 @@
+"""``lightning-unlearn evaluate``: the evaluation suite on one saved model (a model directory, a
+GGUF file, a hub id, or a base model plus a peft adapter directory), written as report.json,
+report.md and a truth-ratio histogram."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning_unlearn.data.formatting import PromptFormat
+from lightning_unlearn.data.tofu import load_split
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.evaluation import Evaluator
+from lightning_unlearn.models import ModelSpec, load_adapter, load_model, load_spec_tokenizer
+from lightning_unlearn.plots import truth_ratio_histograms
+from lightning_unlearn.report import Report
+
+TOFU_EVAL_SPLITS = {
+    "forget": "forget10_perturbed",
+    "retain": "retain_perturbed",
+    "real_authors": "real_authors_perturbed",
+    "world_facts": "world_facts_perturbed",
+}
+
+
+@dataclass
+class EvaluateCommand:
+    """Evaluate a model on TOFU-style splits.
+
+    Args:
+        model: model directory, ``.gguf`` file or hub id (the base model when ``adapter`` is set).
+        adapter: a peft adapter directory to attach to ``model`` (e.g. an ExportModel output).
+        tokenizer: defaults to the adapter's directory when it holds a tokenizer, else the model's.
+        source: ``locuslab/TOFU`` or a local directory in its layout (or any JSON/JSONL files).
+        splits: role (forget, retain, real_authors, world_facts, holdout) -> split name.
+        limit: evaluate the first N rows of each split.
+        retain_report: the retain model's report (file or directory), for forget_quality.
+        out_dir: where report.json, report.md and truth_ratios.png go.
+    """
+
+    model: str
+    adapter: str | None = None
+    tokenizer: str | None = None
+    source: str = "locuslab/TOFU"
+    splits: dict[str, str] = field(default_factory=lambda: dict(TOFU_EVAL_SPLITS))
+    limit: int | None = None
+    retain_report: str | None = None
+    out_dir: str = "runs/evaluate"
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
+    batch_size: int = 16
+    max_new_tokens: int = 200
+    max_length: int = 512
+    dtype: str = "float32"
+
+    def tokenizer_path(self) -> str:
+        if self.tokenizer:
+            return self.tokenizer
+        if self.adapter and (Path(self.adapter) / "tokenizer_config.json").is_file():
+            return self.adapter
+        return self.model
+
+    def run(self) -> Report:
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"limit must be at least 1, got {self.limit}")
+        source = Path(self.source) if Path(self.source).exists() else self.source
+        splits = {role: load_split(source, name)[: self.limit] for role, name in self.splits.items()}
+        spec = ModelSpec(path=self.model, tokenizer=self.tokenizer_path(), dtype=self.dtype)
+        tokenizer = load_spec_tokenizer(spec)
+        evaluator = Evaluator(
+            tokenizer,
+            splits,
+            self.prompt_format,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            retain_truth_ratios=self.retain_report,
+            max_length=self.max_length,
+        )
+        model = load_model(spec)
+        if self.adapter:
+            model = load_adapter(model, self.adapter)
+        report = evaluator.run(model)
+        report.settings.update(
+            model=self.model, adapter=self.adapter, source=str(self.source), splits=self.splits
+        )
+        out = report.save(self.out_dir)
+        if "forget_truth_ratio" in report.per_sample:
+            series = {"model": report.per_sample["forget_truth_ratio"]}
+            if evaluator.retain_truth_ratios is not None:
+                series["retain"] = list(evaluator.retain_truth_ratios)
+            truth_ratio_histograms(series, out / "truth_ratios.png")
+        return report

@@ -1,0 +1,66 @@
+"""The figures unlearning papers show: forget quality against model utility over training, and
+histograms of the forget truth ratios of the fine-tuned, retain and unlearned models."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on clusters
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write the figure atomically: a PNG is either whole or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def truth_ratio_histograms(series: Mapping[str, Sequence[float]], path: str | Path) -> Path:
+    """Overlaid histograms of log10 per-sample forget truth ratios, one per model."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = {name: [math.log10(v) for v in trs if v > 0] for name, trs in series.items()}
+    lo = min((min(v) for v in values.values() if v), default=-1.0)
+    hi = max((max(v) for v in values.values() if v), default=1.0)
+    bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
+    for name, logs in values.items():
+        ax.hist(logs, bins=bins, alpha=0.45, label=name)
+    ax.set_xlabel("log10 truth ratio (forget set)")
+    ax.set_ylabel("questions")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def forget_quality_vs_utility(
+    trajectories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path
+) -> Path:
+    """One line per objective through its (model_utility, forget_quality) evaluations over training,
+    the last point marked; forget quality on a log axis as in TOFU's figures."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, points in trajectories.items():
+        pts = [(p["model_utility"], p["forget_quality"]) for p in points if "forget_quality" in p]
+        if not pts:
+            continue
+        xs, ys = zip(*pts, strict=True)
+        (line,) = ax.plot(xs, ys, marker=".", label=name)
+        ax.plot(xs[-1], ys[-1], marker="o", color=line.get_color())
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility")
+    ax.set_ylabel("forget quality (KS p-value)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
