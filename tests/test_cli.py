@@ -77,9 +77,13 @@ def test_help_lists_subcommands():
     protocol = run_cli("protocol", "--help")
     assert protocol.returncode == 0 and "--objectives" in protocol.stdout
     evaluate = run_cli("evaluate", "--help")
-    assert evaluate.returncode == 0 and "--adapter" in evaluate.stdout and "--retain_report" in evaluate.stdout
+    assert (
+        evaluate.returncode == 0 and "--adapter" in evaluate.stdout and "--retain_report" in evaluate.stdout
+    )
     missing = run_cli("evaluate", "--model", "/nonexistent/model", "--source", "/nonexistent/tofu")
-    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    assert (
+        missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    )
 
 
 @pytest.mark.parametrize(
