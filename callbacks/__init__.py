@@ -1,5 +1,6 @@
 """Lightning callbacks, installed as ``lightning_unlearn.callbacks``."""
 
+from lightning_unlearn.callbacks.evaluation import UnlearningEvaluation
 from lightning_unlearn.callbacks.export import ExportModel
 
-__all__ = ["ExportModel"]
+__all__ = ["ExportModel", "UnlearningEvaluation"]

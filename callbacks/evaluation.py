@@ -1,0 +1,150 @@
+"""UnlearningEvaluation: the evaluation suite during unlearning, so the stopping point can be chosen
+from forget quality and model utility rather than a fixed epoch count (forget quality rises, peaks
+and falls as unlearning overshoots the retain model)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from lightning import Callback, LightningModule, Trainer
+
+from lightning_unlearn.data.formatting import PromptFormat
+from lightning_unlearn.data.tofu import load_split
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.evaluation import Evaluator
+from lightning_unlearn.io import write_text_atomic
+from lightning_unlearn.models import load_spec_tokenizer
+from lightning_unlearn.report import Report
+
+DEFAULT_SPLITS = {"forget": "forget01_perturbed", "retain": "retain_perturbed"}
+
+
+class UnlearningEvaluation(Callback):
+    """Evaluate before training, every ``every_n_epochs`` epochs and at the end of fit; log the
+    metrics as ``eval/<name>`` to every logger (generations as a table on WandbLogger), keep the
+    history, and optionally export the best model by ``monitor`` under constraints.
+
+    Args:
+        source: ``locuslab/TOFU`` or a local directory in its layout.
+        splits: role -> split name, as for ``lightning-unlearn evaluate``.
+        limit: evaluate the first N rows of each split.
+        retain_report: the retain model's report, for forget_quality.
+        tokenizer: defaults to the objective's model's tokenizer.
+        monitor: metric that picks the best evaluation (e.g. ``forget_quality``); None keeps none.
+        mode: ``max`` or ``min`` for ``monitor``.
+        min_ratio: constraints relative to the evaluation before training, e.g.
+            ``{model_utility: 0.9}`` keeps only evaluations with at least 0.9x the start's utility.
+        best_dirpath: where the best model is exported (adapter only for LoRA runs).
+        history_path: a JSON file for the history (rewritten atomically after each evaluation).
+    """
+
+    def __init__(
+        self,
+        source: str = "locuslab/TOFU",
+        splits: dict[str, str] | None = None,
+        limit: int | None = None,
+        retain_report: str | None = None,
+        tokenizer: str | None = None,
+        prompt_format: PromptFormat | None = None,
+        batch_size: int = 16,
+        max_new_tokens: int = 64,
+        max_length: int = 512,
+        every_n_epochs: int = 1,
+        monitor: str | None = None,
+        mode: str = "max",
+        min_ratio: dict[str, float] | None = None,
+        best_dirpath: str | None = None,
+        history_path: str | None = None,
+    ) -> None:
+        if every_n_epochs < 1:
+            raise UserError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
+        if mode not in ("max", "min"):
+            raise UserError(f"mode must be 'max' or 'min', got {mode!r}")
+        if (monitor is None) != (best_dirpath is None):
+            raise UserError("set monitor and best_dirpath together to keep the best model")
+        self.source, self.splits, self.limit = source, dict(splits or DEFAULT_SPLITS), limit
+        self.retain_report, self.tokenizer = retain_report, tokenizer
+        self.prompt_format = prompt_format or PromptFormat()
+        self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
+        self.every_n_epochs, self.monitor, self.mode = every_n_epochs, monitor, mode
+        self.min_ratio, self.best_dirpath, self.history_path = (
+            dict(min_ratio or {}),
+            best_dirpath,
+            history_path,
+        )
+        self.evaluator: Evaluator | None = None  # the protocol injects its own
+        self.history: list[dict] = []
+        self.best: dict | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.evaluator is not None:
+            return
+        source = Path(self.source) if Path(self.source).exists() else self.source
+        splits = {role: load_split(source, name)[: self.limit] for role, name in self.splits.items()}
+        if self.tokenizer:
+            from lightning_unlearn.data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(self.tokenizer)
+        else:
+            tokenizer = load_spec_tokenizer(pl_module.model_spec)
+        self.evaluator = Evaluator(
+            tokenizer,
+            splits,
+            self.prompt_format,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            retain_truth_ratios=self.retain_report,
+            max_length=self.max_length,
+            progress=False,
+        )
+
+    # -- when ----------------------------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.history or self.history[-1]["step"] != trainer.global_step:
+            self.evaluate(trainer, pl_module)
+
+    # -- what ----------------------------------------------------------------------------------
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> Report:
+        """Every rank runs the same evaluation (sharded strategies need every rank in each forward)."""
+        report = self.evaluator.run(pl_module.model)
+        entry = {"epoch": trainer.current_epoch, "step": trainer.global_step, **report.metrics}
+        self.history.append(entry)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"eval/{k}": v for k, v in report.metrics.items()}, step=trainer.global_step)
+            if hasattr(logger, "log_text") and "forget" in report.generations:
+                rows = [[g["question"], g["answer"], g["generated"]] for g in report.generations["forget"]]
+                logger.log_text(
+                    key="eval/forget_generations", columns=["question", "answer", "generated"], data=rows
+                )
+        if self.monitor is not None:
+            self._keep_if_best(trainer, pl_module, entry)
+        if self.history_path and trainer.is_global_zero:
+            write_text_atomic(Path(self.history_path), json.dumps(self.history, indent=1) + "\n")
+        return report
+
+    def _keep_if_best(self, trainer: Trainer, pl_module: LightningModule, entry: dict) -> None:
+        value = entry.get(self.monitor)
+        if value is None or math.isnan(value):
+            raise UserError(f"monitor '{self.monitor}' is not among the metrics: {', '.join(entry)}")
+        start = self.history[0]
+        unknown = [m for m in self.min_ratio if m not in start]
+        if unknown:
+            raise UserError(f"min_ratio names unknown metric(s) {unknown}: choose from {', '.join(start)}")
+        if any(entry[m] < r * start[m] for m, r in self.min_ratio.items()):
+            return
+        better = self.best is None or (
+            value > self.best[self.monitor] if self.mode == "max" else value < self.best[self.monitor]
+        )
+        if better:
+            self.best = entry
+            if trainer.is_global_zero:
+                pl_module.export(self.best_dirpath, merge=False)
