@@ -17,7 +17,17 @@ from lightning_unlearn.data.collate import pad_batch
 from lightning_unlearn.data.formatting import PromptFormat, encode, encode_prompt
 from lightning_unlearn.data.records import validate_record
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.losses import mean_token_nll
+from lightning_unlearn.losses import IGNORE_INDEX, mean_token_nll
+from lightning_unlearn.metrics.memorisation import (
+    exact_memorization,
+    extraction_strength,
+    mia_auc,
+    mia_loss,
+    mia_min_k,
+    mia_min_k_plus_plus,
+    mia_zlib,
+    privleak,
+)
 from lightning_unlearn.metrics.tofu import (
     answer_probability,
     forget_quality,
@@ -37,6 +47,7 @@ ROLES = {
     "world_facts": "wf",
     "holdout": "holdout",
 }
+MIA_SCORES = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
 # Roles whose truth ratio takes the paraphrased answer as the correct side (TOFU authors).
 PARAPHRASE_ROLES = ("forget", "retain")
 
@@ -52,7 +63,8 @@ class Evaluator:
         batch_size: questions per forward (each with all of its answer variants).
         max_new_tokens: generation budget for ROUGE.
         retain_truth_ratios: the retain model's per-sample forget truth ratios, or a path to its
-            report, for ``forget_quality``.
+            report, for ``forget_quality`` (and its min-k MIA AUC, for ``privleak``).
+        retain_mia_auc: the retain model's min-k AUC, for ``privleak`` (with a ``holdout`` split).
     """
 
     def __init__(
@@ -65,6 +77,7 @@ class Evaluator:
         retain_truth_ratios: Sequence[float] | str | Path | None = None,
         max_length: int = 512,
         progress: bool = True,
+        retain_mia_auc: float | None = None,
     ) -> None:
         unknown = set(splits) - set(ROLES)
         if unknown:
@@ -74,9 +87,12 @@ class Evaluator:
         self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
         self.progress = progress
         if isinstance(retain_truth_ratios, (str, Path)):
-            retain_truth_ratios = Report.load(retain_truth_ratios).per_sample.get("forget_truth_ratio")
+            retain_report = Report.load(retain_truth_ratios)
+            retain_truth_ratios = retain_report.per_sample.get("forget_truth_ratio")
             if retain_truth_ratios is None:
                 raise UserError("the retain model's report has no per-sample 'forget_truth_ratio'")
+            retain_mia_auc = retain_report.metrics.get("mia_min_k", retain_mia_auc)
+        self.retain_mia_auc = retain_mia_auc
         self.retain_truth_ratios = retain_truth_ratios
         for role, records in splits.items():
             if not records:
@@ -105,11 +121,14 @@ class Evaluator:
 
     @torch.no_grad()
     def score(
-        self, model, records: list[dict], variants: list[list[str]], desc: str = "score"
-    ) -> list[list[float]]:
-        """avgNLL of every answer variant of every record; all variants of a batch in one forward."""
+        self, model, records: list[dict], variants: list[list[str]], desc: str = "score", extras: bool = False
+    ) -> tuple[list[list[float]], dict[str, list[float]]]:
+        """avgNLL of every answer variant of every record, all variants of a batch in one forward;
+        with ``extras``, the memorisation and MIA scores of each record's first variant from the
+        same forward (``exact_memorization``, ``extraction_strength``, ``mia_*``)."""
         device = next(model.parameters()).device
         out: list[list[float]] = []
+        extra: dict[str, list[float]] = {}
         indexed = list(zip(records, variants, strict=True))
         for chunk in self._batches(indexed, desc):
             feats, owners = [], []
@@ -133,7 +152,25 @@ class Evaluator:
             for owner, value in zip(owners, nll, strict=True):
                 grouped[owner].append(value)
             out.extend(grouped)
-        return out
+            if extras:
+                first = [owners.index(k) for k in range(len(chunk))]
+                for name, values in self._extras(logits[first], batch["labels"][first]).items():
+                    extra.setdefault(name, []).extend(values)
+        return out, extra
+
+    def _extras(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
+        texts = [
+            self.tokenizer.decode(row[row != IGNORE_INDEX].tolist(), skip_special_tokens=True)
+            for row in labels
+        ]
+        return {
+            "exact_memorization": exact_memorization(logits, labels).tolist(),
+            "extraction_strength": extraction_strength(logits, labels).tolist(),
+            "mia_loss": mia_loss(logits, labels).tolist(),
+            "mia_zlib": mia_zlib(logits, labels, texts).tolist(),
+            "mia_min_k": mia_min_k(logits, labels).tolist(),
+            "mia_min_k_plus_plus": mia_min_k_plus_plus(logits, labels).tolist(),
+        }
 
     @torch.no_grad()
     def generate(self, model, records: list[dict], desc: str = "generate") -> list[str]:
@@ -174,6 +211,8 @@ class Evaluator:
             for role, records in self.splits.items():
                 if role != "holdout":
                     self._evaluate_role(model, role, records, report)
+            if "holdout" in self.splits and "forget" in self.splits:
+                self._membership_inference(model, report)
         finally:
             model.train(was_training)
         utility, components = model_utility(report.metrics)
@@ -181,6 +220,19 @@ class Evaluator:
             report.metrics["model_utility"] = utility
             report.settings["model_utility_components"] = components
         return report
+
+    def _membership_inference(self, model, report: Report) -> None:
+        """AUC of each MIA score separating forget (members) from holdout (non-members), and
+        privleak against the retain model's min-k AUC when it is known (open-unlearning's choice)."""
+        holdout = self.splits["holdout"]
+        _, extra = self.score(
+            model, holdout, [[r["answer"]] for r in holdout], desc="score holdout", extras=True
+        )
+        for name in MIA_SCORES:
+            report.per_sample[f"holdout_{name}"] = extra[name]
+            report.metrics[name] = mia_auc(report.per_sample[f"forget_{name}"], extra[name])
+        if self.retain_mia_auc is not None:
+            report.metrics["privleak"] = privleak(report.metrics["mia_min_k"], self.retain_mia_auc)
 
     def _evaluate_role(self, model, role: str, records: list[dict], report: Report) -> None:
         prefix = ROLES[role]
@@ -193,7 +245,14 @@ class Evaluator:
                     r["perturbed_answer"]
                 )
             variants.append(answers)
-        nll = self.score(model, records, variants, desc=f"score {role}")
+        nll, extra = self.score(model, records, variants, desc=f"score {role}", extras=role == "forget")
+        for name in ("exact_memorization", "extraction_strength"):
+            if name in extra:
+                report.per_sample[f"forget_{name}"] = extra[name]
+                report.metrics[f"forget_{name}"] = sum(extra[name]) / len(extra[name])
+        for name in MIA_SCORES:
+            if name in extra:
+                report.per_sample[f"forget_{name}"] = extra[name]
         answer_nll = torch.tensor([v[0] for v in nll])
         if role in PARAPHRASE_ROLES:
             prob = answer_probability(answer_nll)

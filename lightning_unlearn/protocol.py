@@ -44,6 +44,10 @@ TABLE_COLUMNS = [
     "ra_Q_A_Prob_normalised",
     "ra_Q_A_ROUGE",
     "ra_Truth_Ratio",
+    "forget_exact_memorization",
+    "forget_extraction_strength",
+    "mia_min_k",
+    "privleak",
 ]
 
 
@@ -211,7 +215,9 @@ class Protocol:
         )
         return self._train(stage_name, stage, ModelSpec(path=str(target), dtype=self.base.dtype), dm)
 
-    def _evaluate(self, name: str, model_dir: Path, retain_tr: list[float] | None) -> Report:
+    def _evaluate(
+        self, name: str, model_dir: Path, retain_tr: list[float] | None, retain_mia: float | None = None
+    ) -> Report:
         print(f"[{self.name}] {name}: evaluating", flush=True)
         spec = ModelSpec(path=str(model_dir), dtype=self.base.dtype)
         tokenizer = load_spec_tokenizer(spec)
@@ -224,6 +230,7 @@ class Protocol:
             max_new_tokens=self.evaluation.max_new_tokens,
             retain_truth_ratios=retain_tr,
             max_length=self.data.max_length,
+            retain_mia_auc=retain_mia,
         )
         report = evaluator.run(model)
         report.settings["model_dir"] = str(model_dir)
@@ -237,13 +244,19 @@ class Protocol:
         retain_dir = self._finetune("retain", "retain")
         retain_report = self._evaluate("retain", retain_dir, None)
         retain_tr = retain_report.per_sample.get("forget_truth_ratio")
+        retain_mia = retain_report.metrics.get("mia_min_k")
         if retain_tr is not None:
             retain_report.metrics["forget_quality"] = forget_quality(retain_tr, retain_tr)
+        if retain_mia is not None:
+            retain_report.metrics["privleak"] = 0.0  # the reference itself, by definition
         target = self._finetune("finetuned", "full")
-        reports = {"finetuned": self._evaluate("finetuned", target, retain_tr), "retain": retain_report}
+        reports = {
+            "finetuned": self._evaluate("finetuned", target, retain_tr, retain_mia),
+            "retain": retain_report,
+        }
         for name, stage in self.objectives.items():
             unlearned = self._unlearn(name, stage, target)
-            reports[name] = self._evaluate(name, unlearned, retain_tr)
+            reports[name] = self._evaluate(name, unlearned, retain_tr, retain_mia)
         table = metrics_table({n: r.metrics for n, r in reports.items()}, self._columns(reports))
         write_text_atomic(
             self.run_dir / "report.json",

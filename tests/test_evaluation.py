@@ -162,3 +162,51 @@ def test_evaluate_command_on_base_plus_adapter_equals_the_merged_model(
     )
     for name in ("report.json", "report.md", "truth_ratios.png"):
         assert (tmp_path / "a" / name).stat().st_size > 0
+
+
+def test_memorisation_and_mia_match_one_sequence_at_a_time(setup, world_dir):
+    """Batched, padded scoring gives each record's memorisation and MIA scores as scoring it alone
+    does; the AUC counts forget-vs-holdout pairs; privleak uses the retain model's min-k AUC."""
+    from lightning_unlearn.metrics import memorisation as mem
+
+    tokenizer, model, splits = setup
+    holdout = load_split(world_dir, "holdout10")[:5]
+    evaluator = Evaluator(
+        tokenizer, {"forget": splits["forget"], "holdout": holdout}, max_new_tokens=0, batch_size=4,
+        retain_mia_auc=0.6,
+    )  # fmt: skip
+    report = evaluator.run(model)
+
+    def alone(record):
+        enc = encode(record["question"], record["answer"], tokenizer, PromptFormat(), 128)
+        ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor([enc["labels"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        text = tokenizer.decode([t for t in enc["labels"] if t != -100], skip_special_tokens=True)
+        return {
+            "exact_memorization": mem.exact_memorization(logits, labels).item(),
+            "extraction_strength": mem.extraction_strength(logits, labels).item(),
+            "mia_loss": mem.mia_loss(logits, labels).item(),
+            "mia_zlib": mem.mia_zlib(logits, labels, [text]).item(),
+            "mia_min_k": mem.mia_min_k(logits, labels).item(),
+            "mia_min_k_plus_plus": mem.mia_min_k_plus_plus(logits, labels).item(),
+        }
+
+    forget = [alone(r) for r in splits["forget"]]
+    held = [alone(r) for r in holdout]
+    for name in forget[0]:
+        assert report.per_sample[f"forget_{name}"] == pytest.approx(
+            [f[name] for f in forget], rel=1e-4, abs=1e-6
+        )
+    for name in ("exact_memorization", "extraction_strength"):
+        assert report.metrics[f"forget_{name}"] == pytest.approx(sum(f[name] for f in forget) / len(forget))
+    for name in ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus"):
+        assert report.per_sample[f"holdout_{name}"] == pytest.approx(
+            [h[name] for h in held], rel=1e-4, abs=1e-6
+        )
+        # AUC by counting: a pair is won when the holdout (non-member) scores higher; ties count half.
+        pairs = [(f[name], h[name]) for f in forget for h in held]
+        won = sum(1.0 if h > f else 0.5 if h == f else 0.0 for f, h in pairs)
+        assert report.metrics[name] == pytest.approx(won / len(pairs))
+    auc = report.metrics["mia_min_k"]
+    assert report.metrics["privleak"] == pytest.approx(((1 - auc) - (1 - 0.6)) / (1 - 0.6) * 100, rel=1e-6)

@@ -40,6 +40,7 @@ def _protocol(tmp_path, **overrides) -> Protocol:
                 "forget": "forget10_perturbed",
                 "retain": "retain_perturbed",
                 "world_facts": "world_facts_perturbed",
+                "holdout": "holdout10",
             },
             max_length=64,
         ),
@@ -64,8 +65,16 @@ def test_protocol_writes_one_report_entry_per_model(tmp_path):
             assert 0.0 <= entry["metrics"][metric] <= 1.0
     # The retain model is the reference distribution: KS of a sample against itself.
     assert saved["retain"]["metrics"]["forget_quality"] == 1.0
-    # The target was trained on the forget answers, the retain model was not.
+    # The target was trained on the forget answers, the retain model was not: its forget answers
+    # are likelier, and a membership-inference attack tells them from holdout answers better.
     assert saved["finetuned"]["metrics"]["forget_Q_A_Prob"] > saved["retain"]["metrics"]["forget_Q_A_Prob"]
+    assert saved["finetuned"]["metrics"]["mia_min_k"] > saved["retain"]["metrics"]["mia_min_k"]
+    retain_auc = saved["retain"]["metrics"]["mia_min_k"]
+    for name in ("finetuned", "ga"):
+        auc = saved[name]["metrics"]["mia_min_k"]
+        assert saved[name]["metrics"]["privleak"] == pytest.approx(
+            ((1 - auc) - (1 - retain_auc)) / (1 - retain_auc) * 100
+        )
     # Gradient ascent, NPO and refusal training lower the probability of the forget answers.
     for name in ("ga", "npo", "idk_ap"):
         assert saved[name]["metrics"]["forget_Q_A_Prob"] < saved["finetuned"]["metrics"]["forget_Q_A_Prob"]
