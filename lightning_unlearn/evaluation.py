@@ -18,6 +18,13 @@ from lightning_unlearn.data.formatting import PromptFormat, encode, encode_promp
 from lightning_unlearn.data.records import validate_record
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.losses import IGNORE_INDEX, mean_token_nll
+from lightning_unlearn.metrics.closer_look import closer_look_fe, closer_look_mu
+from lightning_unlearn.metrics.generation import (
+    CLOSER_LOOK_PREMISE,
+    CosineSimilarity,
+    EntailmentScore,
+    text_token_entropy,
+)
 from lightning_unlearn.metrics.memorisation import (
     exact_memorization,
     extraction_strength,
@@ -65,6 +72,11 @@ class Evaluator:
         retain_truth_ratios: the retain model's per-sample forget truth ratios, or a path to its
             report, for ``forget_quality`` (and its min-k MIA AUC, for ``privleak``).
         retain_mia_auc: the retain model's min-k AUC, for ``privleak`` (with a ``holdout`` split).
+        cosine_model: a sentence-transformers model (name or path) for closer-look's cosine
+            similarity, e.g. ``paraphrase-MiniLM-L6-v2``; None skips the metric.
+        nli_model: an NLI classifier (name or path) for closer-look's entailment score, e.g.
+            ``sileod/deberta-v3-base-tasksource-nli``; None skips it. A model that cannot be
+            loaded is an error, never a skip.
     """
 
     def __init__(
@@ -78,6 +90,8 @@ class Evaluator:
         max_length: int = 512,
         progress: bool = True,
         retain_mia_auc: float | None = None,
+        cosine_model: str | None = None,
+        nli_model: str | None = None,
     ) -> None:
         unknown = set(splits) - set(ROLES)
         if unknown:
@@ -93,6 +107,9 @@ class Evaluator:
                 raise UserError("the retain model's report has no per-sample 'forget_truth_ratio'")
             retain_mia_auc = retain_report.metrics.get("mia_min_k", retain_mia_auc)
         self.retain_mia_auc = retain_mia_auc
+        # Loaded here so a missing model fails before any scoring.
+        self.cosine = CosineSimilarity(cosine_model) if cosine_model else None
+        self.entailment = EntailmentScore(nli_model) if nli_model else None
         self.retain_truth_ratios = retain_truth_ratios
         for role, records in splits.items():
             if not records:
@@ -219,6 +236,12 @@ class Evaluator:
         if components:
             report.metrics["model_utility"] = utility
             report.settings["model_utility_components"] = components
+        # Closer-look's aggregates beside open-unlearning's, over the components measured.
+        for name, aggregate in (("closer_look_MU", closer_look_mu), ("closer_look_FE", closer_look_fe)):
+            value, used = aggregate(report.metrics)
+            if used:
+                report.metrics[name] = value
+                report.settings[f"{name}_components"] = used
         return report
 
     def _membership_inference(self, model, report: Report) -> None:
@@ -280,9 +303,22 @@ class Evaluator:
                 report.metrics[f"{prefix}_Q_A_Prob_normalised"] = normalised.mean().item()
         if self.max_new_tokens > 0:
             generated = self.generate(model, records, desc=f"generate {role}")
-            rouge = rouge_l_recall(generated, [r["answer"] for r in records])
-            report.per_sample[f"{prefix}_Q_A_ROUGE"] = rouge
-            report.metrics[f"{prefix}_Q_A_ROUGE"] = sum(rouge) / len(rouge)
+            references = [r["answer"] for r in records]
+            rouge = rouge_l_recall(generated, references)
+            per_sample = {
+                "Q_A_ROUGE": rouge,
+                "token_entropy": [text_token_entropy(self.tokenizer, g) for g in generated],
+            }
+            if self.cosine is not None:
+                per_sample["cosine_similarity"] = self.cosine.per_sample(generated, references)
+            if self.entailment is not None:
+                premise = CLOSER_LOOK_PREMISE.get(role, "generated")
+                per_sample["entailment_score"] = self.entailment.per_sample(
+                    generated, references, premise, rouge
+                )
+            for name, values in per_sample.items():
+                report.per_sample[f"{prefix}_{name}"] = values
+                report.metrics[f"{prefix}_{name}"] = sum(values) / len(values)
             report.generations[role] = [
                 {"question": r["question"], "answer": r["answer"], "generated": g}
                 for r, g in zip(records, generated, strict=True)
