@@ -47,11 +47,16 @@ def truth_ratio_histograms(series: Mapping[str, Sequence[float]], path: str | Pa
 
 
 def forget_quality_vs_utility(
-    trajectories: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path
+    trajectories: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | Path,
+    retain_utility: float | None = None,
 ) -> Path:
     """One line per objective through its (model_utility, forget_quality) evaluations over training,
-    the last point marked; forget quality on a log axis as in TOFU's figures."""
+    the last point marked; forget quality on a log axis as in TOFU's figures. The retain model (the
+    goal: forget quality 1 at its utility) is a star when its utility is given."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    if retain_utility is not None:
+        ax.plot(retain_utility, 1.0, marker="*", markersize=12, color="black", linestyle="", label="retain")
     for name, points in trajectories.items():
         pts = [(p["model_utility"], p["forget_quality"]) for p in points if "forget_quality" in p]
         if not pts:

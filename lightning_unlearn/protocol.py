@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from lightning_unlearn.callbacks import UnlearningEvaluation
 from lightning_unlearn.data.datamodule import FineTuneDataModule, UnlearningDataModule
 from lightning_unlearn.data.formatting import PromptFormat
 from lightning_unlearn.data.synthetic import WorldConfig, make_world
@@ -26,7 +27,7 @@ from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality
 from lightning_unlearn.models import ModelSpec, load_model, load_spec_tokenizer
 from lightning_unlearn.objectives import FineTune, UnlearningObjective
-from lightning_unlearn.plots import truth_ratio_histograms
+from lightning_unlearn.plots import forget_quality_vs_utility, truth_ratio_histograms
 from lightning_unlearn.report import Report, metrics_table
 
 TABLE_COLUMNS = [
@@ -82,13 +83,15 @@ class DataSettings:
 @dataclass
 class Stage:
     """One training run: the objective (``class_path``/``init_args``; its ``model`` is filled in by
-    the protocol), epochs, batch sizes and extra Trainer arguments."""
+    the protocol), epochs, batch sizes and extra Trainer arguments. ``eval_every_n_epochs`` (an
+    unlearning stage) evaluates during training too, for the forget-quality vs utility figure."""
 
     objective: UnlearningObjective = field(default_factory=FineTune)
     max_epochs: int = 1
     batch_size: int = 8
     retain_per_forget: int = 1
     trainer: dict[str, Any] = field(default_factory=dict)
+    eval_every_n_epochs: int | None = None
 
 
 @dataclass
@@ -168,7 +171,7 @@ class Protocol:
             )
         return CSVLogger(self.run_dir / "logs", name=stage, version=0)
 
-    def _trainer(self, stage_name: str, stage: Stage) -> L.Trainer:
+    def _trainer(self, stage_name: str, stage: Stage, callbacks: list | None = None) -> L.Trainer:
         args = {
             "accelerator": "cpu",
             "devices": 1,
@@ -179,14 +182,18 @@ class Protocol:
             **self.trainer_args,
             **stage.trainer,
         }
-        return L.Trainer(max_epochs=stage.max_epochs, logger=self._logger(stage_name), **args)
+        return L.Trainer(
+            max_epochs=stage.max_epochs, logger=self._logger(stage_name), callbacks=callbacks or [], **args
+        )
 
-    def _train(self, stage_name: str, stage: Stage, model: ModelSpec, datamodule) -> Path:
+    def _train(
+        self, stage_name: str, stage: Stage, model: ModelSpec, datamodule, callbacks: list | None = None
+    ) -> Path:
         print(f"[{self.name}] {stage_name}: training {type(stage.objective).__name__}", flush=True)
         L.seed_everything(self.seed, verbose=False)
         objective = copy.deepcopy(stage.objective)  # a stage may run twice (target and retain)
         objective.model_spec = model
-        self._trainer(stage_name, stage).fit(objective, datamodule=datamodule)
+        self._trainer(stage_name, stage, callbacks).fit(objective, datamodule=datamodule)
         return objective.export(self.run_dir / "models" / stage_name)
 
     def _finetune(self, stage_name: str, split: str) -> Path:
@@ -213,26 +220,35 @@ class Protocol:
             refusals=self.data.refusals if stage.objective.needs_refusals else None,
             seed=self.seed,
         )
-        return self._train(stage_name, stage, ModelSpec(path=str(target), dtype=self.base.dtype), dm)
+        spec = ModelSpec(path=str(target), dtype=self.base.dtype)
+        callbacks = []
+        if stage.eval_every_n_epochs:
+            during = UnlearningEvaluation(every_n_epochs=stage.eval_every_n_epochs)
+            during.evaluator = self._evaluator(load_spec_tokenizer(spec), progress=False)
+            callbacks.append(during)
+        unlearned = self._train(stage_name, stage, spec, dm, callbacks)
+        if callbacks:
+            self.histories[stage_name] = callbacks[0].history
+        return unlearned
 
-    def _evaluate(
-        self, name: str, model_dir: Path, retain_tr: list[float] | None, retain_mia: float | None = None
-    ) -> Report:
-        print(f"[{self.name}] {name}: evaluating", flush=True)
-        spec = ModelSpec(path=str(model_dir), dtype=self.base.dtype)
-        tokenizer = load_spec_tokenizer(spec)
-        model = load_model(spec)
-        evaluator = Evaluator(
+    def _evaluator(self, tokenizer, progress: bool = True) -> Evaluator:
+        """The protocol's evaluation, against the retain model once it is known."""
+        return Evaluator(
             tokenizer,
             self.eval_splits,
             self.data.prompt_format,
             batch_size=self.evaluation.batch_size,
             max_new_tokens=self.evaluation.max_new_tokens,
-            retain_truth_ratios=retain_tr,
+            retain_truth_ratios=self.retain_tr,
             max_length=self.data.max_length,
-            retain_mia_auc=retain_mia,
+            retain_mia_auc=self.retain_mia,
+            progress=progress,
         )
-        report = evaluator.run(model)
+
+    def _evaluate(self, name: str, model_dir: Path) -> Report:
+        print(f"[{self.name}] {name}: evaluating", flush=True)
+        spec = ModelSpec(path=str(model_dir), dtype=self.base.dtype)
+        report = self._evaluator(load_spec_tokenizer(spec)).run(load_model(spec))
         report.settings["model_dir"] = str(model_dir)
         report.save(self.run_dir / "reports" / name)
         return report
@@ -242,21 +258,20 @@ class Protocol:
         start = time.perf_counter()
         self.prepare_data()
         retain_dir = self._finetune("retain", "retain")
-        retain_report = self._evaluate("retain", retain_dir, None)
-        retain_tr = retain_report.per_sample.get("forget_truth_ratio")
-        retain_mia = retain_report.metrics.get("mia_min_k")
-        if retain_tr is not None:
-            retain_report.metrics["forget_quality"] = forget_quality(retain_tr, retain_tr)
-        if retain_mia is not None:
+        self.retain_tr = self.retain_mia = None
+        retain_report = self._evaluate("retain", retain_dir)
+        self.retain_tr = retain_report.per_sample.get("forget_truth_ratio")
+        self.retain_mia = retain_report.metrics.get("mia_min_k")
+        if self.retain_tr is not None:
+            retain_report.metrics["forget_quality"] = forget_quality(self.retain_tr, self.retain_tr)
+        if self.retain_mia is not None:
             retain_report.metrics["privleak"] = 0.0  # the reference itself, by definition
         target = self._finetune("finetuned", "full")
-        reports = {
-            "finetuned": self._evaluate("finetuned", target, retain_tr, retain_mia),
-            "retain": retain_report,
-        }
+        reports = {"finetuned": self._evaluate("finetuned", target), "retain": retain_report}
+        self.histories: dict[str, list[dict]] = {}
         for name, stage in self.objectives.items():
             unlearned = self._unlearn(name, stage, target)
-            reports[name] = self._evaluate(name, unlearned, retain_tr, retain_mia)
+            reports[name] = self._evaluate(name, unlearned)
         table = metrics_table({n: r.metrics for n, r in reports.items()}, self._columns(reports))
         write_text_atomic(
             self.run_dir / "report.json",
@@ -270,6 +285,11 @@ class Protocol:
         }
         if truth_ratios:
             truth_ratio_histograms(truth_ratios, self.run_dir / "truth_ratios.png")
+        if self.histories:
+            write_text_atomic(self.run_dir / "history.json", json.dumps(self.histories, indent=1) + "\n")
+            forget_quality_vs_utility(
+                self.histories, self.run_dir / "fq_vs_mu.png", retain_report.metrics.get("model_utility")
+            )
         print(table)
         print(
             f"[{self.name}] done in {time.perf_counter() - start:.0f} s; report: {self.run_dir / 'report.json'}"

@@ -27,7 +27,9 @@ def _protocol(tmp_path, **overrides) -> Protocol:
         "finetune": Stage(objective=FineTune(optimizer=_adamw(3e-3)), max_epochs=12, batch_size=16),
         "objectives": {
             "ga": Stage(objective=GradAscent(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
-            "gd": Stage(objective=GradDiff(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
+            "gd": Stage(
+                objective=GradDiff(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4, eval_every_n_epochs=1
+            ),
             # NPO builds its cached reference inside fit; IdkAP needs the refusal sub-batches.
             "npo": Stage(objective=NPO(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
             "idk_ap": Stage(objective=IdkAP(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
@@ -84,6 +86,16 @@ def test_protocol_writes_one_report_entry_per_model(tmp_path):
     assert full[-len(forget) :] == forget
     assert "| ga |" in (run / "report.md").read_text()
     assert (run / "truth_ratios.png").stat().st_size > 0
+    # GD was also evaluated during training: before, after each epoch; its last evaluation is the
+    # exported model's, and the figure is drawn.
+    history = json.loads((run / "history.json").read_text())
+    assert list(history) == ["gd"] and [h["epoch"] for h in history["gd"]] == [0, 0, 1]
+    for metric in ("forget_quality", "model_utility", "forget_Q_A_Prob"):
+        assert history["gd"][-1][metric] == pytest.approx(saved["gd"]["metrics"][metric], rel=1e-4)
+    assert history["gd"][0]["forget_Q_A_Prob"] == pytest.approx(
+        saved["finetuned"]["metrics"]["forget_Q_A_Prob"], rel=1e-4
+    )
+    assert (run / "fq_vs_mu.png").stat().st_size > 0
 
 
 def test_protocol_bad_data_leaves_no_complete_looking_output(tmp_path):
