@@ -59,6 +59,49 @@ MIA_SCORES = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
 PARAPHRASE_ROLES = ("forget", "retain")
 
 
+def _decoder_and_head(model) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """The transformer body and output projection of a Hugging Face causal LM (through peft)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    return decoder, base.get_output_embeddings() if decoder is not None else None
+
+
+def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits only at the positions that predict an answer token, with matching labels.
+
+    Scoring needs no logits elsewhere, and at a 50k vocabulary the full ``[B, T, V]`` tensor of
+    every variant of a batch of questions is large (16 TOFU questions: 112 sequences x 113
+    positions x 49,152 = 2.5 GB in float32; about a third of those positions are answers). The
+    body runs once over the padded batch; the output projection runs on the gathered answer
+    positions only. Returns ``(logits [B, L+1, V], labels [B, L+1])`` in the usual shifted
+    convention (label 0 is -100), so every per-sequence function of ``losses.py`` and
+    ``metrics/`` applies unchanged. Models without a separable body and head use the full logits.
+    """
+    labels = batch["labels"]
+    decoder, head = _decoder_and_head(model)
+    if decoder is None or head is None:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    scored = labels[:, 1:] != IGNORE_INDEX  # position t predicts label t + 1
+    counts = scored.sum(1)
+    width = int(counts.max()) + 1
+    # Scored positions first, in order (a stable sort of "not scored"), then an unused slot.
+    order = torch.argsort((~scored).to(torch.int8), dim=1, stable=True)[:, : width - 1]
+    order = torch.cat([order, torch.zeros_like(order[:, :1])], dim=1)
+    gathered = hidden[:, :-1].gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
+    logits = head(gathered)
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    targets = labels[:, 1:].gather(1, order[:, :-1])
+    targets = targets.masked_fill(
+        torch.arange(width - 1, device=labels.device) >= counts[:, None], IGNORE_INDEX
+    )
+    compact = torch.cat([torch.full_like(targets[:, :1], IGNORE_INDEX), targets], dim=1)
+    return logits, compact
+
+
 class Evaluator:
     """Evaluate a causal LM on TOFU-style splits.
 
@@ -163,15 +206,15 @@ class Evaluator:
                     )
                     owners.append(k)
             batch = {k: v.to(device) for k, v in pad_batch(feats, self.tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            nll = mean_token_nll(logits, batch["labels"]).tolist()
+            logits, labels = answer_logits(model, batch)
+            nll = mean_token_nll(logits, labels).tolist()
             grouped: list[list[float]] = [[] for _ in chunk]
             for owner, value in zip(owners, nll, strict=True):
                 grouped[owner].append(value)
             out.extend(grouped)
             if extras:
                 first = [owners.index(k) for k in range(len(chunk))]
-                for name, values in self._extras(logits[first], batch["labels"][first]).items():
+                for name, values in self._extras(logits[first], labels[first]).items():
                     extra.setdefault(name, []).extend(values)
         return out, extra
 

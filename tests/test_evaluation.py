@@ -210,3 +210,32 @@ def test_memorisation_and_mia_match_one_sequence_at_a_time(setup, world_dir):
         assert report.metrics[name] == pytest.approx(won / len(pairs))
     auc = report.metrics["mia_min_k"]
     assert report.metrics["privleak"] == pytest.approx(((1 - auc) - (1 - 0.6)) / (1 - 0.6) * 100, rel=1e-6)
+
+
+def test_answer_logits_are_the_full_logits_at_answer_positions(setup, tiny_spec):
+    from lightning_unlearn.data.collate import pad_batch
+    from lightning_unlearn.evaluation import answer_logits
+    from lightning_unlearn.losses import mean_token_nll, sequence_logprob
+    from lightning_unlearn.models import LoraSpec, attach_lora
+
+    tokenizer, model, splits = setup
+    records = splits["forget"][:4]
+    feats = [
+        encode(r["question"], a, tokenizer, PromptFormat(), 128) for r in records for a in (r["answer"], "x")
+    ]
+    batch = pad_batch(feats, tokenizer.pad_token_id)
+    lora = attach_lora(load_model(tiny_spec), LoraSpec(r=4, alpha=8))
+    with torch.no_grad():
+        for p in lora.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)  # a live adapter: the body must run through it
+        for m in (model, lora):
+            full = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits, labels = answer_logits(m, batch)
+            torch.testing.assert_close(mean_token_nll(logits, labels), mean_token_nll(full, batch["labels"]))
+            torch.testing.assert_close(
+                sequence_logprob(logits, labels), sequence_logprob(full, batch["labels"])
+            )
+            row = batch["labels"][0]
+            positions = [t for t in range(len(row) - 1) if row[t + 1] != -100]
+            torch.testing.assert_close(logits[0, : len(positions)], full[0, positions])
