@@ -114,7 +114,8 @@ class UnlearningEvaluation(Callback):
 
     # -- what ----------------------------------------------------------------------------------
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> Report:
-        """Every rank runs the same evaluation (sharded strategies need every rank in each forward)."""
+        """Every rank calls this: the Evaluator shards each split across ranks and gathers the
+        per-sample values before the KS tests and AUCs, so every rank gets the whole report."""
         report = self.evaluator.run(pl_module.model)
         entry = {"epoch": trainer.current_epoch, "step": trainer.global_step, **report.metrics}
         self.history.append(entry)

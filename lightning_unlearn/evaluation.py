@@ -6,10 +6,12 @@ forward pass, and generation is batched with left padding, each sequence stoppin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torchmetrics.aggregation import CatMetric
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
@@ -57,6 +59,32 @@ ROLES = {
 MIA_SCORES = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
 # Roles whose truth ratio takes the paraphrased answer as the correct side (TOFU authors).
 PARAPHRASE_ROLES = ("forget", "retain")
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed group, (0, 1) outside one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _shard(n: int, rank: int, world: int) -> list[int]:
+    """Rank's contiguous share of n items, padded by repeating an index so every rank runs the
+    same number of forwards (sharded models need every rank in each)."""
+    per_rank = -(-n // world)
+    indices = list(range(rank * per_rank, min((rank + 1) * per_rank, n)))
+    return indices + [indices[-1] if indices else 0] * (per_rank - len(indices))
+
+
+def _gather_rows(index: list[int], rows: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """Every rank's per-sample rows, gathered with torchmetrics and put back in split order."""
+    positions = CatMetric(nan_strategy="disable").to(device)
+    values = CatMetric(nan_strategy="disable").to(device)
+    positions.update(torch.tensor(index, dtype=torch.float32, device=device))
+    values.update(rows.to(device))
+    full = torch.full((n, rows.size(1)), math.nan)
+    full[positions.compute().long().cpu()] = values.compute().cpu()  # padding rows repeat a value
+    return full
 
 
 def _decoder_and_head(model) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
@@ -120,6 +148,8 @@ class Evaluator:
         nli_model: an NLI classifier (name or path) for closer-look's entailment score, e.g.
             ``sileod/deberta-v3-base-tasksource-nli``; None skips it. A model that cannot be
             loaded is an error, never a skip.
+        distributed: under torch.distributed, shard the work across ranks (every rank must call
+            ``run``); False evaluates everything on the calling rank.
     """
 
     def __init__(
@@ -135,6 +165,7 @@ class Evaluator:
         retain_mia_auc: float | None = None,
         cosine_model: str | None = None,
         nli_model: str | None = None,
+        distributed: bool = True,
     ) -> None:
         unknown = set(splits) - set(ROLES)
         if unknown:
@@ -142,7 +173,7 @@ class Evaluator:
         self.tokenizer, self.splits = tokenizer, splits
         self.prompt_format = prompt_format or PromptFormat()
         self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
-        self.progress = progress
+        self.progress, self.distributed = progress, distributed
         if isinstance(retain_truth_ratios, (str, Path)):
             retain_report = Report.load(retain_truth_ratios)
             retain_truth_ratios = retain_report.per_sample.get("forget_truth_ratio")
@@ -179,13 +210,32 @@ class Evaluator:
             for i in tqdm(starts, desc=desc, disable=not self.progress, leave=False)
         )
 
-    @torch.no_grad()
     def score(
         self, model, records: list[dict], variants: list[list[str]], desc: str = "score", extras: bool = False
     ) -> tuple[list[list[float]], dict[str, list[float]]]:
         """avgNLL of every answer variant of every record, all variants of a batch in one forward;
         with ``extras``, the memorisation and MIA scores of each record's first variant from the
-        same forward (``exact_memorization``, ``extraction_strength``, ``mia_*``)."""
+        same forward (``exact_memorization``, ``extraction_strength``, ``mia_*``). Under
+        torch.distributed each rank scores a shard and the values are gathered (torchmetrics)."""
+        rank, world = _world()
+        if world == 1 or not self.distributed:
+            return self._score_local(model, records, variants, desc, extras)
+        shard = _shard(len(records), rank, world)
+        nll, extra = self._score_local(
+            model, [records[i] for i in shard], [variants[i] for i in shard], desc, extras
+        )
+        width = max(len(v) for v in variants)
+        columns = [row + [math.nan] * (width - len(row)) for row in nll]
+        names = sorted(extra)
+        table = torch.tensor([c + [extra[n][j] for n in names] for j, c in enumerate(columns)])
+        full = _gather_rows(shard, table, len(records), next(model.parameters()).device)
+        nll_all = [full[i, : len(variants[i])].tolist() for i in range(len(records))]
+        return nll_all, {n: full[:, width + k].tolist() for k, n in enumerate(names)}
+
+    @torch.no_grad()
+    def _score_local(
+        self, model, records: list[dict], variants: list[list[str]], desc: str, extras: bool
+    ) -> tuple[list[list[float]], dict[str, list[float]]]:
         device = next(model.parameters()).device
         out: list[list[float]] = []
         extra: dict[str, list[float]] = {}
@@ -232,9 +282,25 @@ class Evaluator:
             "mia_min_k_plus_plus": mia_min_k_plus_plus(logits, labels).tolist(),
         }
 
-    @torch.no_grad()
     def generate(self, model, records: list[dict], desc: str = "generate") -> list[str]:
-        """Greedy answers, batched with left padding; each stops at EOS or ``max_new_tokens``."""
+        """Greedy answers, batched with left padding; each stops at EOS or ``max_new_tokens``.
+        Under torch.distributed each rank generates a shard and the texts are gathered."""
+        rank, world = _world()
+        if world == 1 or not self.distributed:
+            return self._generate_local(model, records, desc)
+        shard = _shard(len(records), rank, world)
+        texts = self._generate_local(model, [records[i] for i in shard], desc, synced=True)
+        local = list(zip(shard, texts, strict=True))
+        everyone: list = [None] * world
+        torch.distributed.all_gather_object(everyone, local)
+        ordered: list[str] = [""] * len(records)
+        for part in everyone:
+            for i, text in part:
+                ordered[i] = text
+        return ordered
+
+    @torch.no_grad()
+    def _generate_local(self, model, records: list[dict], desc: str, synced: bool = False) -> list[str]:
         device = next(model.parameters()).device
         config = GenerationConfig(
             max_new_tokens=self.max_new_tokens,
@@ -256,7 +322,8 @@ class Evaluator:
                 k: v.to(device)
                 for k, v in pad_batch(prompts, self.tokenizer.pad_token_id, side="left").items()
             }
-            generated = model.generate(**batch, generation_config=config)
+            # synced: ranks step together until all finish (sharded models need every rank).
+            generated = model.generate(**batch, generation_config=config, synced_gpus=synced)
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             texts += [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         return texts

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from lightning_unlearn.data.datamodule import UnlearningDataModule
+from lightning_unlearn.data.tofu import load_split
+from lightning_unlearn.data.tokenizer import load_tokenizer
+from lightning_unlearn.evaluation import Evaluator
 from lightning_unlearn.models import LoraSpec, load_model
 from lightning_unlearn.objectives import NPO, GradDiff
 
@@ -124,3 +127,53 @@ def test_ddp_spawn_npo_with_cached_reference_matches_one_process_on_the_global_b
         global_loss = npo.forget_loss(batch).item()
     assert global_loss != pytest.approx(2 / 0.5 * 0.6931471805599453, rel=1e-3)
     assert metrics["val/forget_loss"] == pytest.approx(global_loss, rel=1e-5)
+
+
+class EvaluateOnValidationEnd(L.Callback):
+    """Every rank runs the Evaluator (it shards the splits); rank 0 saves the gathered report."""
+
+    def __init__(self, out: str, tokenizer_dir: str, splits: dict, retain_tr: list[float]) -> None:
+        self.out, self.tokenizer_dir, self.splits, self.retain_tr = out, tokenizer_dir, splits, retain_tr
+
+    def evaluator(self) -> Evaluator:
+        return Evaluator(
+            load_tokenizer(self.tokenizer_dir), self.splits, batch_size=1, max_new_tokens=6, max_length=64,
+            retain_truth_ratios=self.retain_tr, retain_mia_auc=0.6, progress=False,
+        )  # fmt: skip
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        report = self.evaluator().run(pl_module.model)
+        if trainer.is_global_zero:
+            torch.save(report.to_dict(), self.out)
+
+
+def test_ddp_spawn_evaluation_equals_one_process(tmp_path, tiny_spec, world_dir, tokenizer_dir):
+    splits = {
+        "forget": load_split(world_dir, "forget10_perturbed"),  # 10 rows: 5 per rank
+        "retain": load_split(world_dir, "retain_perturbed")[:7],  # 7 rows: 4 + 3, one padded
+        "holdout": load_split(world_dir, "holdout10")[:5],
+    }
+    retain_tr = [0.5 + 0.1 * i for i in range(10)]
+    callback = EvaluateOnValidationEnd(str(tmp_path / "report.pt"), tokenizer_dir, splits, retain_tr)
+    dm = UnlearningDataModule(
+        tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10", retain_split="retain90",
+        batch_size=5, max_length=64,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[callback],
+    )  # fmt: skip
+    trainer.validate(GradDiff(model=tiny_spec), datamodule=dm)
+    spawned = torch.load(tmp_path / "report.pt", weights_only=False)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each spawned process runs: the same float reduction order
+    try:
+        single = callback.evaluator().run(load_model(tiny_spec)).to_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert spawned["per_sample"] == single["per_sample"]
+    assert spawned["metrics"] == single["metrics"]
+    assert spawned["generations"] == single["generations"]
+    for name in ("forget_quality", "mia_min_k", "privleak", "retain_Q_A_ROUGE"):
+        assert name in spawned["metrics"]
