@@ -38,6 +38,7 @@ class UnlearningEvaluation(Callback):
             ``{model_utility: 0.9}`` keeps only evaluations with at least 0.9x the start's utility.
         best_dirpath: where the best model is exported (adapter only for LoRA runs).
         history_path: a JSON file for the history (rewritten atomically after each evaluation).
+        cosine_model / nli_model: as for the Evaluator (closer-look's cosine and entailment).
     """
 
     def __init__(
@@ -57,6 +58,8 @@ class UnlearningEvaluation(Callback):
         min_ratio: dict[str, float] | None = None,
         best_dirpath: str | None = None,
         history_path: str | None = None,
+        cosine_model: str | None = None,
+        nli_model: str | None = None,
     ) -> None:
         if every_n_epochs < 1:
             raise UserError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
@@ -74,6 +77,7 @@ class UnlearningEvaluation(Callback):
             best_dirpath,
             history_path,
         )
+        self.cosine_model, self.nli_model = cosine_model, nli_model
         self.evaluator: Evaluator | None = None  # the protocol injects its own
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -98,6 +102,8 @@ class UnlearningEvaluation(Callback):
             retain_truth_ratios=self.retain_report,
             max_length=self.max_length,
             progress=False,
+            cosine_model=self.cosine_model,
+            nli_model=self.nli_model,
         )
 
     # -- when ----------------------------------------------------------------------------------

@@ -36,6 +36,8 @@ class EvaluateCommand:
         limit: evaluate the first N rows of each split.
         retain_report: the retain model's report (file or directory), for forget_quality.
         out_dir: where report.json, report.md and truth_ratios.png go.
+        cosine_model / nli_model: sentence-embedding and NLI models (name or local path) for
+            closer-look's cosine similarity and entailment score; unset skips those metrics.
     """
 
     model: str
@@ -51,6 +53,8 @@ class EvaluateCommand:
     max_new_tokens: int = 200
     max_length: int = 512
     dtype: str = "float32"
+    cosine_model: str | None = None
+    nli_model: str | None = None
 
     def tokenizer_path(self) -> str:
         if self.tokenizer:
@@ -74,6 +78,8 @@ class EvaluateCommand:
             max_new_tokens=self.max_new_tokens,
             retain_truth_ratios=self.retain_report,
             max_length=self.max_length,
+            cosine_model=self.cosine_model,
+            nli_model=self.nli_model,
         )
         model = load_model(spec)
         if self.adapter:

@@ -96,8 +96,13 @@ class Stage:
 
 @dataclass
 class EvalSettings:
+    """Evaluation of every model: questions per forward, generation budget, and the optional
+    closer-look cosine / NLI models (name or local path)."""
+
     batch_size: int = 16
     max_new_tokens: int = 200
+    cosine_model: str | None = None
+    nli_model: str | None = None
 
 
 class Protocol:
@@ -243,6 +248,8 @@ class Protocol:
             max_length=self.data.max_length,
             retain_mia_auc=self.retain_mia,
             progress=progress,
+            cosine_model=self.evaluation.cosine_model,
+            nli_model=self.evaluation.nli_model,
         )
 
     def _evaluate(self, name: str, model_dir: Path) -> Report:

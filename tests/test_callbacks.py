@@ -9,7 +9,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning_unlearn.callbacks import UnlearningEvaluation
 
 from lightning_unlearn.data.datamodule import UnlearningDataModule
@@ -88,3 +88,46 @@ def test_impossible_constraint_keeps_nothing_and_bad_settings_fail(
         UnlearningEvaluation(monitor="forget_quality")
     with pytest.raises(UserError, match="mode must be"):
         UnlearningEvaluation(mode="best")
+
+
+class RecordingLogger(Logger):
+    """A logger with WandbLogger's ``log_text``: records what the callback sends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: list[tuple[int, dict]] = []
+        self.tables: list[dict] = []
+
+    name = "recording"
+    version = 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_text(self, key, columns, data) -> None:
+        self.tables.append({"key": key, "columns": columns, "data": data})
+
+
+def test_generations_go_to_loggers_that_take_tables(tmp_path, tiny_spec, world_dir, tokenizer_dir):
+    logger = RecordingLogger()
+    callback = UnlearningEvaluation(
+        source=str(world_dir), splits=SPLITS, limit=3, max_new_tokens=4, max_length=64
+    )
+    objective = GradAscent(model=tiny_spec, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    data = UnlearningDataModule(tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10",
+                                retain_split="retain90", batch_size=5, max_length=64)  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=logger, callbacks=[callback], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(objective, datamodule=data)
+    assert len(logger.tables) == len(callback.history) == 2
+    forget = load_split(world_dir, "forget10_perturbed")[:3]
+    last = logger.tables[-1]
+    assert last["key"] == "eval/forget_generations" and last["columns"] == ["question", "answer", "generated"]
+    assert [row[:2] for row in last["data"]] == [[r["question"], r["answer"]] for r in forget]
+    evals = [m for _, m in logger.metrics if "eval/forget_Q_A_Prob" in m]
+    assert [m["eval/forget_Q_A_Prob"] for m in evals] == [h["forget_Q_A_Prob"] for h in callback.history]
