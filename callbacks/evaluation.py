@@ -11,9 +11,8 @@ from pathlib import Path
 from lightning import Callback, LightningModule, Trainer
 
 from lightning_unlearn.data.formatting import PromptFormat
-from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.evaluation import Evaluator
+from lightning_unlearn.evaluation import Evaluator, load_eval_splits
 from lightning_unlearn.io import write_text_atomic
 from lightning_unlearn.models import load_spec_tokenizer
 from lightning_unlearn.report import Report
@@ -85,8 +84,7 @@ class UnlearningEvaluation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.evaluator is not None:
             return
-        source = Path(self.source) if Path(self.source).exists() else self.source
-        splits = {role: load_split(source, name)[: self.limit] for role, name in self.splits.items()}
+        splits = load_eval_splits(self.source, self.splits, self.limit)
         if self.tokenizer:
             from lightning_unlearn.data.tokenizer import load_tokenizer
 

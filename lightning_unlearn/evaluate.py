@@ -8,9 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_unlearn.data.formatting import PromptFormat
-from lightning_unlearn.data.tofu import load_split
-from lightning_unlearn.errors import UserError
-from lightning_unlearn.evaluation import Evaluator
+from lightning_unlearn.evaluation import Evaluator, load_eval_splits
 from lightning_unlearn.models import ModelSpec, load_adapter, load_model, load_spec_tokenizer
 from lightning_unlearn.plots import truth_ratio_histograms
 from lightning_unlearn.report import Report
@@ -64,10 +62,7 @@ class EvaluateCommand:
         return self.model
 
     def run(self) -> Report:
-        if self.limit is not None and self.limit < 1:
-            raise UserError(f"limit must be at least 1, got {self.limit}")
-        source = Path(self.source) if Path(self.source).exists() else self.source
-        splits = {role: load_split(source, name)[: self.limit] for role, name in self.splits.items()}
+        splits = load_eval_splits(self.source, self.splits, self.limit)
         spec = ModelSpec(path=self.model, tokenizer=self.tokenizer_path(), dtype=self.dtype)
         tokenizer = load_spec_tokenizer(spec)
         evaluator = Evaluator(

@@ -18,6 +18,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from lightning_unlearn.data.collate import pad_batch
 from lightning_unlearn.data.formatting import PromptFormat, encode, encode_prompt
 from lightning_unlearn.data.records import validate_record
+from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.losses import IGNORE_INDEX, mean_token_nll
 from lightning_unlearn.metrics.closer_look import closer_look_fe, closer_look_mu
@@ -59,6 +60,14 @@ ROLES = {
 MIA_SCORES = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
 # Roles whose truth ratio takes the paraphrased answer as the correct side (TOFU authors).
 PARAPHRASE_ROLES = ("forget", "retain")
+
+
+def load_eval_splits(source: str, splits: dict[str, str], limit: int | None = None) -> dict[str, list[dict]]:
+    """Role -> the first ``limit`` records of its split, from a local directory or a hub id."""
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be at least 1, got {limit}")
+    resolved = Path(source) if Path(source).exists() else source
+    return {role: load_split(resolved, name)[:limit] for role, name in splits.items()}
 
 
 def _world() -> tuple[int, int]:

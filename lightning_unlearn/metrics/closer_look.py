@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from scipy.stats import hmean
+from lightning_unlearn.metrics.tofu import harmonic_mean_of
 
 _PROB = {"forget": "Q_A_Prob", "retain": "Q_A_Prob", "ra": "Q_A_Prob_normalised", "wf": "Q_A_Prob_normalised"}
 
@@ -55,13 +55,7 @@ def closer_look_mu(
     ``prefixes=("retain",)`` gives their "Model Utility Retain". Returns ``(value, names used)``;
     NaN with no component present, 0 when any component is 0 (scipy's ``hmean`` limit).
     """
-    names = [name for prefix in prefixes for name in _mu_components(prefix) if name in metrics]
-    if not names:
-        return math.nan, []
-    values = [metrics[name] for name in names]
-    if min(values) <= 0:
-        return 0.0, names
-    return float(hmean(values)), names
+    return harmonic_mean_of(metrics, [name for prefix in prefixes for name in _mu_components(prefix)])
 
 
 def closer_look_fe(metrics: dict[str, float]) -> tuple[float, list[str]]:

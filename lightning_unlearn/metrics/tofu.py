@@ -77,7 +77,13 @@ def model_utility(metrics: dict[str, float]) -> tuple[float, list[str]]:
     With every split evaluated these are open-unlearning's nine; a missing split (e.g. the
     synthetic world has no real authors) drops its three, and the names used are returned.
     """
-    names = [name for name in MODEL_UTILITY_COMPONENTS if name in metrics]
+    return harmonic_mean_of(metrics, MODEL_UTILITY_COMPONENTS)
+
+
+def harmonic_mean_of(metrics: dict[str, float], components: Sequence[str]) -> tuple[float, list[str]]:
+    """Harmonic mean of the ``components`` present in ``metrics`` and their names: NaN with none
+    present, 0 when any is 0 or below (scipy's ``hmean`` limit)."""
+    names = [name for name in components if name in metrics]
     if not names:
         return math.nan, []
     values = [metrics[name] for name in names]
