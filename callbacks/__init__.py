@@ -2,5 +2,6 @@
 
 from lightning_unlearn.callbacks.evaluation import UnlearningEvaluation
 from lightning_unlearn.callbacks.export import ExportModel
+from lightning_unlearn.callbacks.sequential import ForgetRequest, SequentialForgetting
 
-__all__ = ["ExportModel", "UnlearningEvaluation"]
+__all__ = ["ExportModel", "ForgetRequest", "SequentialForgetting", "UnlearningEvaluation"]

@@ -10,8 +10,8 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
-from lightning_unlearn.callbacks import UnlearningEvaluation
 
+from lightning_unlearn.callbacks import UnlearningEvaluation
 from lightning_unlearn.data.datamodule import UnlearningDataModule
 from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.data.tokenizer import load_tokenizer

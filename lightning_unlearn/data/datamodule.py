@@ -176,13 +176,14 @@ class UnlearningDataModule(_LoaderMixin, LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.retain_per_forget, self.refusals, self.seed = retain_per_forget, refusals, seed
         self.dataset: PairedDataset | None = None
+        self.epoch_offset = 0  # sequential forgetting: pairing epochs count from the request's start
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
-        tokenizer = load_tokenizer(self.tokenizer_path)
+        tokenizer = self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.collator = _Flatten(tokenizer.pad_token_id)
-        forget_records = load_split(self.source, self.forget_split)
+        forget_records = self.forget_records = load_split(self.source, self.forget_split)
         forget = encode_records(forget_records, tokenizer, self.prompt_format, self.max_length)
         retain = None
         if self.retain_split:
@@ -221,4 +222,30 @@ class UnlearningDataModule(_LoaderMixin, LightningDataModule):
     def set_epoch(self, epoch: int) -> None:
         """Redraw retain partners for ``epoch`` (called by the objective at each epoch start)."""
         if self.dataset is not None:
-            self.dataset.set_epoch(epoch)
+            self.dataset.set_epoch(epoch - self.epoch_offset)
+
+    def records_by_id(self, ids: list) -> list[dict]:
+        """The forget split's records with these ids, in this order."""
+        if self.dataset is None:
+            self.setup("fit")
+        by_id = {str(r["id"]): r for r in self.forget_records}
+        missing = [i for i in ids if str(i) not in by_id]
+        if missing:
+            raise UserError(
+                f"forget split '{self.forget_split}' has no record with id {', '.join(map(str, missing[:5]))}"
+            )
+        return [by_id[str(i)] for i in ids]
+
+    def set_forget(self, records: list[dict]) -> None:
+        """Unlearn these records from now on (one sequential-forgetting request); retain is unchanged."""
+        if self.dataset is None:
+            self.setup("fit")
+        forget = encode_records(records, self.tokenizer, self.prompt_format, self.max_length)
+        forget_idk = None
+        if self.refusals:
+            idk = refusal_records(records, load_refusals(self.refusals), self.seed)
+            forget_idk = encode_records(idk, self.tokenizer, self.prompt_format, self.max_length)
+        old = self.dataset
+        self.dataset = PairedDataset(
+            forget, old.retain, self.seed, self.retain_per_forget, forget_idk, old.retain_idk
+        )

@@ -1,0 +1,290 @@
+"""Fuse per-request LoRA adapters into one (EUL, Chen & Yang 2023; RegMean, Jin et al. 2023).
+
+Every function works on ``Factors``: module name -> (B with its LoRA scaling folded in, A), so the
+delta of a linear layer y = W x is exactly ``B @ A`` whatever r, lora_alpha or rsLoRA each request
+used. Module names are peft module paths as in a saved adapter's state-dict keys before
+``.lora_A.weight`` (``base_model.model.model.layers.0.self_attn.q_proj``); Gram matrices use the
+same keys. Solves run in float64; results are cast back to the adapters' dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.utils.other import get_pattern_key
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.io import atomic_directory
+
+Factors = dict[str, tuple[Tensor, Tensor]]
+
+PEFT_PREFIX = "base_model.model."
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+DEFAULT_RIDGE = 1e-4
+# peft's own merge types (``PeftModel.add_weighted_adapter``); linear/ties/dare_*/magnitude_prune
+# combine the A and B factors separately and so need every adapter to have the same r.
+PEFT_METHODS = (
+    "linear",
+    "ties",
+    "cat",
+    "svd",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
+SAME_RANK_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+DENSITY_METHODS = tuple(m for m in PEFT_METHODS if m not in ("linear", "cat", "svd"))
+
+
+def delta(factors: Factors, name: str) -> Tensor:
+    """The dense weight delta ``B @ A`` [out, in] of one module (for checks and small layers)."""
+    b, a = factors[name]
+    return b @ a
+
+
+def max_rank(factors: Factors) -> int:
+    """The largest LoRA rank over modules (what a saved adapter's ``r`` must be)."""
+    return max((a.shape[0] for _, a in factors.values()), default=0)
+
+
+def lora_factors(model: nn.Module, adapter: str | None = None, scaling: float | None = None) -> Factors:
+    """Factors of ``adapter`` (default: the active one) of a live peft model.
+
+    ``scaling`` overrides each layer's own scaling (``add_weighted_adapter`` results are meant to
+    have scaling 1; see ``peft_fusion``).
+    """
+    if adapter is None:
+        active = getattr(model, "active_adapter", None)
+        if not isinstance(active, str):
+            raise UserError(f"lora_factors: name the adapter to read (active adapters: {active!r})")
+        adapter = active
+    factors: Factors = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
+            continue
+        if not isinstance(layer, LoraLinear):
+            raise UserError(f"fusion supports LoRA on linear layers only; '{name}' is {type(layer).__name__}")
+        if layer.use_dora.get(adapter, False) or layer.lora_bias.get(adapter, False):
+            raise UserError(
+                f"'{name}': DoRA / lora_bias adapters are not a plain B @ A delta and cannot be fused"
+            )
+        s = layer.scaling[adapter] if scaling is None else scaling
+        a = layer.lora_A[adapter].weight.detach()
+        b = layer.lora_B[adapter].weight.detach()
+        factors[name] = ((b * s).clone(), a.clone())
+    if not factors:
+        raise UserError(f"the model has no LoRA layers for adapter '{adapter}'")
+    return factors
+
+
+def load_factors(directory: str | Path) -> Factors:
+    """Factors of a saved peft LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    directory = Path(directory)
+    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise UserError(f"not a saved peft adapter: '{path}' is missing")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"'{directory}': only LoRA adapters can be fused, got {config.get('peft_type')}")
+    if config.get("use_dora") or config.get("lora_bias"):
+        raise UserError(f"'{directory}': DoRA / lora_bias adapters are not a plain B @ A delta")
+    state = load_file(str(weights_path))
+    extra = [k for k in state if not k.endswith((A_SUFFIX, B_SUFFIX))]
+    if extra:
+        raise UserError(f"'{directory}': cannot fuse non-LoRA tensors such as '{extra[0]}'")
+    alpha, alpha_pattern = config["lora_alpha"], config.get("alpha_pattern") or {}
+    factors: Factors = {}
+    for key in sorted(k for k in state if k.endswith(A_SUFFIX)):
+        name = key[: -len(A_SUFFIX)]
+        a, b = state[key], state.get(name + B_SUFFIX)
+        if b is None:
+            raise UserError(f"'{directory}': '{name}' has lora_A but no lora_B")
+        r = a.shape[0]  # the actual rank, so rank_pattern needs no lookup
+        module_alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), _relative(name)), alpha)
+        scale = module_alpha / math.sqrt(r) if config.get("use_rslora") else module_alpha / r
+        factors[name] = (b * scale, a)
+    return factors
+
+
+def regmean(
+    factors: list[Factors], grams: list[dict[str, Tensor]], ridge: float = DEFAULT_RIDGE
+) -> tuple[Factors, dict[str, Any]]:
+    """RegMean fusion, exactly, as a LoRA of rank sum_k r_k per module.
+
+    M = sum_k delta_k G_k (G + lambda I)^-1 with G = sum_k G_k minimises
+    sum_k ||X_k M^T - X_k delta_k^T||^2 + lambda ||M||^2: the fused layer reproduces each request's
+    delta on that request's inputs. As factors: B = [B_1 ... B_K], A = [A_k G_k (G + lambda I)^-1]_k.
+    lambda = ridge * trace(G) / in_dim per module (a fraction of the mean eigenvalue of G, so
+    scale-free); it damps directions the requests' data barely reached. It must stay above the
+    Grams' rounding noise (~1e-7 relative for float32, ~1e-2 for bfloat16: record Grams in float32
+    or float64), or that noise is inverted as if it were data. ridge = 0 uses the pseudo-inverse
+    (minimum-norm solution) with eigenvalues under that noise level cut. A module absent from some
+    requests is fused over those present. Keys of ``grams[k]`` are the module names of ``factors[k]``.
+    """
+    if len(factors) != len(grams) or not factors:
+        raise UserError(f"regmean needs one Gram dict per adapter, got {len(factors)} adapters, {len(grams)}")
+    if ridge < 0:
+        raise UserError(f"regmean: ridge must be >= 0, got {ridge}")
+    names = list(dict.fromkeys(name for f in factors for name in f))
+    fused: Factors = {}
+    lambdas: dict[str, float] = {}
+    for name in names:
+        present = [k for k, f in enumerate(factors) if name in f]
+        dtype = factors[present[0]][name][1].dtype
+        bs, rhs, gram_sum, eps = [], [], None, 0.0
+        for k in present:
+            b, a = (t.double() for t in factors[k][name])
+            if name not in grams[k]:
+                raise UserError(f"regmean: request {k} has an adapter for '{name}' but no Gram matrix")
+            eps = max(eps, torch.finfo(grams[k][name].dtype).eps)
+            g = grams[k][name].to(device=a.device, dtype=torch.float64)
+            if g.shape != (a.shape[1], a.shape[1]):
+                raise UserError(
+                    f"regmean: Gram of '{name}' (request {k}) is {tuple(g.shape)}, want {a.shape[1]}^2"
+                )
+            gram_sum = g if gram_sum is None else gram_sum + g
+            bs.append(b)
+            rhs.append(g @ a.T)  # G_k A_k^T  [in, r_k]
+        assert gram_sum is not None
+        in_dim = gram_sum.shape[0]
+        trace = float(gram_sum.diagonal().sum())
+        lam = ridge * trace / in_dim
+        stacked = torch.cat(rhs, dim=1)
+        if lam > 0:
+            # (G + lam I) is symmetric, so A_k G_k (G + lam I)^-1 = ((G + lam I)^-1 G_k A_k^T)^T.
+            eye = torch.eye(in_dim, dtype=torch.float64, device=gram_sum.device)
+            solved = torch.linalg.solve(gram_sum + lam * eye, stacked)
+        else:
+            # eigenvalues below the Grams' own rounding noise are treated as zero, not as data
+            solved = torch.linalg.pinv(gram_sum, rtol=eps * in_dim, hermitian=True) @ stacked
+        fused[name] = (torch.cat(bs, dim=1).to(dtype), solved.T.contiguous().to(dtype))
+        lambdas[name] = lam
+    info = {"method": "regmean", "ridge": ridge, "lambda": lambdas, "requests": len(factors)}
+    return fused, info
+
+
+def svd_truncate(factors: Factors, rank: int) -> tuple[Factors, dict[str, float]]:
+    """Best rank-``rank`` approximation of each ``B @ A`` (Eckart-Young), with its relative error.
+
+    B = Q_b R_b and A^T = Q_a R_a give B A = Q_b (R_b R_a^T) Q_a^T, so only the small r x r core is
+    decomposed, never the dense out x in delta. The kept singular values are split evenly
+    (sqrt(S) on each side) so the factors stay balanced for further training. The error is
+    ||B A - B' A'||_F / ||B A||_F = sqrt(sum of dropped sigma^2 / sum of all sigma^2).
+    """
+    if rank < 1:
+        raise UserError(f"svd_truncate: rank must be at least 1, got {rank}")
+    out: Factors = {}
+    errors: dict[str, float] = {}
+    for name, (b, a) in factors.items():
+        qb, rb = torch.linalg.qr(b.double())
+        qa, ra = torch.linalg.qr(a.double().T)
+        u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+        k = min(rank, s.shape[0])
+        root = s[:k].sqrt()
+        out[name] = ((qb @ u[:, :k] * root).to(b.dtype), (root[:, None] * vh[:k] @ qa.T).to(a.dtype))
+        total = float(s.square().sum())
+        errors[name] = math.sqrt(float(s[k:].square().sum()) / total) if total > 0 else 0.0
+    return out, errors
+
+
+def peft_fusion(
+    base_model: nn.Module,
+    adapter_dirs: list[str | Path],
+    method: str,
+    weights: list[float] | None = None,
+    density: float = 0.5,
+) -> tuple[Factors, dict[str, Any]]:
+    """Fuse saved adapters with peft's ``add_weighted_adapter`` (``linear``, ``ties``, ...).
+
+    peft's ``linear`` / ``ties`` combine the A's and the B's separately (A = sum c_k A_k,
+    B = sum c_k B_k with c_k = sqrt(w_k s_k), the sign on A), so B A has cross terms: not the sum of
+    deltas, and every adapter must have the same r. ``cat`` is the exact weighted sum (rank sum_k r_k);
+    ``*_svd`` work on dense deltas and truncate to the largest r. Returns factors with scaling 1,
+    which is what peft intends (it sets lora_alpha = r); a fused adapter peft builds from rsLoRA
+    adapters would otherwise carry a spurious sqrt(r). ``base_model`` is modified while this runs and
+    restored (LoRA layers unloaded) before it returns; weights default to 1 each.
+    """
+    if method not in PEFT_METHODS:
+        raise UserError(f"peft fusion method must be one of {', '.join(PEFT_METHODS)}, got {method!r}")
+    if not adapter_dirs:
+        raise UserError("peft_fusion: no adapters given")
+    weights = [1.0] * len(adapter_dirs) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapter_dirs):
+        raise UserError(f"peft_fusion: {len(weights)} weights for {len(adapter_dirs)} adapters")
+    uses_density = method in DENSITY_METHODS
+    names = [f"request_{k}" for k in range(len(adapter_dirs))]
+    model = PeftModel.from_pretrained(base_model, str(adapter_dirs[0]), adapter_name=names[0])
+    try:
+        for name, directory in zip(names[1:], adapter_dirs[1:], strict=True):
+            model.load_adapter(str(directory), adapter_name=name)
+        ranks = {model.peft_config[n].r for n in names}
+        patterned = any(model.peft_config[n].rank_pattern for n in names)
+        if method in SAME_RANK_METHODS and len(names) > 1 and (len(ranks) > 1 or patterned):
+            raise UserError(
+                f"peft's '{method}' fusion needs adapters of one rank, got r = {sorted(ranks)}"
+                "; use 'cat', 'svd', 'ties_svd' or regmean"
+            )
+        model.add_weighted_adapter(
+            names, weights, "fused", combination_type=method, density=density if uses_density else None
+        )
+        factors = lora_factors(model, "fused", scaling=1.0)
+    finally:
+        model.unload()
+    info: dict[str, Any] = {"method": method, "weights": weights, "adapters": [str(d) for d in adapter_dirs]}
+    if uses_density:
+        info["density"] = density
+    return factors, info
+
+
+def save_factors(
+    directory: str | Path, factors: Factors, base_config: dict[str, Any] | LoraConfig, info: dict[str, Any]
+) -> Path:
+    """Write ``factors`` as a standard peft adapter plus ``fusion.json`` (``info``), atomically.
+
+    r = lora_alpha = the largest module rank (scaling 1, no rsLoRA); modules of smaller rank are
+    zero-padded, which leaves B A unchanged. target_modules lists the exact module paths, so
+    ``PeftModel.from_pretrained(base, directory)`` adapts those modules and no others. Task type,
+    base model name/revision, dropout and fan_in_fan_out come from ``base_config``.
+    """
+    if not factors:
+        raise UserError("save_factors: no modules to save")
+    base = base_config.to_dict() if isinstance(base_config, LoraConfig) else dict(base_config)
+    keep = ("task_type", "base_model_name_or_path", "revision", "lora_dropout", "fan_in_fan_out")
+    r = max_rank(factors)
+    config = LoraConfig(
+        **{k: base[k] for k in keep if base.get(k) is not None},
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(_relative(name) for name in factors),
+    )
+    state: dict[str, Tensor] = {}
+    for name, (b, a) in factors.items():
+        pad = r - a.shape[0]
+        state[name + A_SUFFIX] = torch.cat([a, a.new_zeros(pad, a.shape[1])]).detach().cpu().contiguous()
+        state[name + B_SUFFIX] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1).detach().cpu().contiguous()
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "fusion.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return directory
+
+
+def _relative(name: str) -> str:
+    """Module path inside the base model (what peft's target_modules and patterns match)."""
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
