@@ -19,6 +19,7 @@ from lightning_unlearn.data.collate import pad_batch
 from lightning_unlearn.data.formatting import PromptFormat, encode, encode_prompt
 from lightning_unlearn.data.records import validate_record
 from lightning_unlearn.data.tofu import load_split
+from lightning_unlearn.distributed import shard_indices
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.losses import IGNORE_INDEX, mean_token_nll
 from lightning_unlearn.metrics.closer_look import closer_look_fe, closer_look_mu
@@ -75,14 +76,6 @@ def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _shard(n: int, rank: int, world: int) -> list[int]:
-    """Rank's contiguous share of n items, padded by repeating an index so every rank runs the
-    same number of forwards (sharded models need every rank in each)."""
-    per_rank = -(-n // world)
-    indices = list(range(rank * per_rank, min((rank + 1) * per_rank, n)))
-    return indices + [indices[-1] if indices else 0] * (per_rank - len(indices))
 
 
 def _gather_rows(index: list[int], rows: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
@@ -229,7 +222,7 @@ class Evaluator:
         rank, world = _world()
         if world == 1 or not self.distributed:
             return self._score_local(model, records, variants, desc, extras)
-        shard = _shard(len(records), rank, world)
+        shard = shard_indices(len(records), rank, world)
         nll, extra = self._score_local(
             model, [records[i] for i in shard], [variants[i] for i in shard], desc, extras
         )
@@ -297,7 +290,7 @@ class Evaluator:
         rank, world = _world()
         if world == 1 or not self.distributed:
             return self._generate_local(model, records, desc)
-        shard = _shard(len(records), rank, world)
+        shard = shard_indices(len(records), rank, world)
         texts = self._generate_local(model, [records[i] for i in shard], desc, synced=True)
         local = list(zip(shard, texts, strict=True))
         everyone: list = [None] * world

@@ -17,6 +17,7 @@ from lightning_unlearn.data.formatting import PLAIN, PromptFormat, encode
 from lightning_unlearn.data.refusals import load_refusals, refusal_records
 from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.data.tokenizer import load_tokenizer
+from lightning_unlearn.distributed import shard_indices
 from lightning_unlearn.errors import UserError
 
 
@@ -74,10 +75,7 @@ class PairedDataset(Dataset):
         """Rank's contiguous share of split ``name`` (``forget`` or ``forget_idk``) with indices,
         padded by repeating an item so every rank runs the same number of forward passes."""
         items = getattr(self, name)
-        per_rank = -(-len(items) // world_size)
-        indices = list(range(rank * per_rank, min((rank + 1) * per_rank, len(items))))
-        indices += [indices[-1] if indices else 0] * (per_rank - len(indices))
-        return [{**items[i], "index": i} for i in indices]
+        return [{**items[i], "index": i} for i in shard_indices(len(items), rank, world_size)]
 
 
 class _Flatten(TrainCollator):
