@@ -11,6 +11,7 @@ from pathlib import Path
 from lightning import Callback, LightningModule, Trainer
 
 from lightning_unlearn.data.formatting import PromptFormat
+from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.evaluation import Evaluator, load_eval_splits
 from lightning_unlearn.io import write_text_atomic
@@ -86,8 +87,6 @@ class UnlearningEvaluation(Callback):
             return
         splits = load_eval_splits(self.source, self.splits, self.limit)
         if self.tokenizer:
-            from lightning_unlearn.data.tokenizer import load_tokenizer
-
             tokenizer = load_tokenizer(self.tokenizer)
         else:
             tokenizer = load_spec_tokenizer(pl_module.model_spec)
