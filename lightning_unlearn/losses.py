@@ -49,10 +49,13 @@ def mean_token_nll(logits: Tensor, labels: Tensor) -> Tensor:
     return -(logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
-def nll_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean NLL over all label tokens of the batch (Hugging Face's causal-LM convention)."""
+def nll_loss(logits: Tensor, labels: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
+    """Mean NLL over all label tokens of the batch (Hugging Face's causal-LM convention); the sum is
+    divided by ``num_tokens`` when given (under DDP: the mean token count per rank, so that DDP's
+    gradient average is the global token mean whatever the world size)."""
     logp, mask = token_logprobs(logits, labels)
-    return -(logp * mask).sum() / mask.sum().clamp_min(1)
+    denominator = mask.sum().clamp_min(1) if num_tokens is None else num_tokens
+    return -(logp * mask).sum() / denominator
 
 
 def max_entropy_loss(

@@ -77,20 +77,24 @@ def test_ddp_spawn_validate_reports_the_mean_over_ranks(tiny_spec, world_dir, to
     )  # fmt: skip
     (metrics,) = trainer.validate(GradDiff(model=tiny_spec), datamodule=dm)
 
-    # Each rank validates one batch of 5: the DistributedSampler's interleaved shard, in order.
+    # Each rank validates one batch of 5: the DistributedSampler's interleaved shard, in order. The
+    # logged NLL is the global token mean: each rank's NLL sum over both ranks' token count.
     dm.setup("validate")
     model = load_model(tiny_spec).eval()
     collate = dm.val_dataloader().collate_fn
-    per_rank = []
+    per_rank, sums, counts = [], [], []
     for rank in (0, 1):
         forget = collate([dm.dataset[i] for i in range(rank, len(dm.dataset), 2)])["forget"]
         with torch.no_grad():
-            per_rank.append(
-                model(
-                    forget["input_ids"], attention_mask=forget["attention_mask"], labels=forget["labels"]
-                ).loss.item()
-            )
-    assert metrics["val/forget_nll"] == pytest.approx(sum(per_rank) / 2, rel=1e-5)
+            loss = model(
+                forget["input_ids"], attention_mask=forget["attention_mask"], labels=forget["labels"]
+            ).loss
+        tokens = int((forget["labels"][:, 1:] != -100).sum())
+        per_rank.append(loss.item())
+        sums.append(loss.item() * tokens)
+        counts.append(tokens)
+    assert counts[0] != counts[1]  # so a mean of per-rank token means would differ
+    assert metrics["val/forget_nll"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
     assert per_rank[0] != pytest.approx(per_rank[1], rel=1e-3)  # so rank 0 alone would be wrong
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_unlearn.data.collate import TrainCollator
 from lightning_unlearn.data.formatting import PLAIN, PromptFormat, encode
@@ -76,6 +76,24 @@ class PairedDataset(Dataset):
         padded by repeating an item so every rank runs the same number of forward passes."""
         items = getattr(self, name)
         return [{**items[i], "index": i} for i in shard_indices(len(items), rank, world_size)]
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation drawn from (seed, the dataset's current epoch) when iteration starts, never
+    from the global RNG: the order of an epoch does not depend on what else drew random numbers
+    before it (a sanity check, an adapter re-initialisation), so a resumed sequential run sees the
+    same batches as an uninterrupted one. Under DDP, Lightning's wrapper deals this order out to
+    the ranks in turn, so every world size sees the same global batches."""
+
+    def __init__(self, dataset: PairedDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed((self.dataset.seed * 1_000_003 + self.dataset.epoch) * 7919 + 1)
+        return iter(torch.randperm(len(self.dataset), generator=gen).tolist())
 
 
 class _Flatten(TrainCollator):
@@ -175,6 +193,15 @@ class UnlearningDataModule(_LoaderMixin, LightningDataModule):
         self.retain_per_forget, self.refusals, self.seed = retain_per_forget, refusals, seed
         self.dataset: PairedDataset | None = None
         self.epoch_offset = 0  # sequential forgetting: pairing epochs count from the request's start
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffle(self.dataset),
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:

@@ -27,7 +27,7 @@ from transformers import SchedulerType, get_scheduler
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory
-from lightning_unlearn.losses import kl_divergence, nll_loss, sequence_logprob
+from lightning_unlearn.losses import IGNORE_INDEX, kl_divergence, nll_loss, sequence_logprob
 from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model, load_spec_tokenizer
 
 REFERENCE_POLICIES = ("adapter_off", "cached", "copy")
@@ -211,13 +211,24 @@ class UnlearningObjective(LightningModule):
             raise UserError(f"{type(self).__name__} needs '{name}' sub-batches; {how}".rstrip("; "))
         return batch[name]
 
+    def nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """NLL averaged over the label tokens of the global batch. A per-rank token mean would make
+        DDP's gradient average depend on how answer lengths fall across ranks; dividing each rank's
+        sum by the mean token count per rank makes 2 processes train exactly like 1."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return nll_loss(logits, labels)
+        count = (labels[:, 1:] != IGNORE_INDEX).sum().float()
+        count = trainer.strategy.reduce(count, reduce_op="mean").clamp_min(1)
+        return nll_loss(logits, labels, num_tokens=count)
+
     # -- losses: the two methods a subclass overrides ---------------------------------------
     def forget_loss(self, batch: dict) -> Tensor:
         raise NotImplementedError
 
     def retain_loss(self, batch: dict) -> Tensor:
         """NLL on the retain answers: the retain term of most objectives (DESIGN section 4)."""
-        return nll_loss(self(batch["retain"]), batch["retain"]["labels"])
+        return self.nll(self(batch["retain"]), batch["retain"]["labels"])
 
     def log_term(self, stage: str, name: str, value: Tensor) -> None:
         """Log ``stage/name``: on the progress bar while training; averaged over ranks for val/test,
@@ -258,7 +269,7 @@ class UnlearningObjective(LightningModule):
         # Plain NLL of each sub-batch: comparable across objectives, unlike their losses.
         for name, sub in batch.items():
             if isinstance(sub, dict):
-                self.log_term(stage, f"{name}_nll", nll_loss(self(sub), sub["labels"]))
+                self.log_term(stage, f"{name}_nll", self.nll(self(sub), sub["labels"]))
 
     def on_train_epoch_start(self) -> None:
         # New retain partners each epoch, identical on every rank (see UnlearningDataModule).

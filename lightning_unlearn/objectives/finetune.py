@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_unlearn.losses import nll_loss
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 
@@ -12,6 +11,6 @@ class FineTune(UnlearningObjective):
     """Next-token NLL on plain batches of one split (``FineTuneDataModule``)."""
 
     def step(self, batch: dict, stage: str) -> Tensor:
-        loss = nll_loss(self(batch), batch["labels"])
+        loss = self.nll(self(batch), batch["labels"])
         self.log_term(stage, "loss", loss)
         return loss

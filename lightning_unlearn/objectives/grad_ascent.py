@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.losses import nll_loss
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 
@@ -16,7 +15,7 @@ class GradAscent(UnlearningObjective):
         super().__init__(*args, retain_weight=retain_weight, **kwargs)
 
     def forget_loss(self, batch: dict) -> Tensor:
-        return -nll_loss(self(batch["forget"]), batch["forget"]["labels"])
+        return -self.nll(self(batch["forget"]), batch["forget"]["labels"])
 
 
 class GradDiff(GradAscent):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_unlearn.losses import answer_preservation_loss, dpo_loss, nll_loss, sequence_logprob
+from lightning_unlearn.losses import answer_preservation_loss, dpo_loss, sequence_logprob
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 
@@ -21,7 +21,7 @@ class IdkNLL(UnlearningObjective):
 
     def forget_loss(self, batch: dict) -> Tensor:
         idk = self.sub_batch(batch, "forget_idk")
-        return nll_loss(self(idk), idk["labels"])
+        return self.nll(self(idk), idk["labels"])
 
 
 class IdkAP(IdkNLL):

@@ -16,7 +16,6 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.losses import nll_loss
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 SCHEDULES = ("joint", "alternating")
@@ -58,10 +57,10 @@ class KLTeacher(UnlearningObjective):
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
         logits = self(forget)
-        return -self.reference_kl(forget, logits) - self.lm_weight * nll_loss(logits, forget["labels"])
+        return -self.reference_kl(forget, logits) - self.lm_weight * self.nll(logits, forget["labels"])
 
     def retain_loss(self, batch: dict) -> Tensor:
         retain = batch["retain"]
         logits = self(retain)
         kl = self.reference_kl(retain, logits)
-        return self.kl_weight * kl + self.nll_weight * nll_loss(logits, retain["labels"])
+        return self.kl_weight * kl + self.nll_weight * self.nll(logits, retain["labels"])

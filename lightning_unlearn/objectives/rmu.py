@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.losses import nll_loss, representation_loss
+from lightning_unlearn.losses import representation_loss
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 RETAIN_LOSS_TYPES = ("embed_diff", "nll")
@@ -161,7 +161,7 @@ class RMU(UnlearningObjective):
     def retain_loss(self, batch: dict) -> Tensor:
         retain = batch["retain"]
         if self.retain_loss_type == "nll":
-            return nll_loss(self(retain), retain["labels"])
+            return self.nll(self(retain), retain["labels"])
         return representation_loss(
             self.layer_output(retain), self.reference_layer_output(retain), retain["labels"] != -100
         )
