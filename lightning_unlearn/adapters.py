@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +123,63 @@ def load_factors(directory: str | Path) -> Factors:
     return factors
 
 
+class RegMeanSums:
+    """RegMean's running sums over requests: per module G = sum_k G_k and, per request, B_k and the
+    projection P_k = A_k G_k (r_k x in). That is all the closed form needs, so request k+1 adds one
+    Gram and one small projection instead of reloading every earlier request's Grams: fusion time
+    stays flat as requests accumulate. Kept in float64."""
+
+    def __init__(self) -> None:
+        self.gram_sum: dict[str, Tensor] = {}
+        self.terms: list[dict[str, tuple[Tensor, Tensor]]] = []
+        self.eps = 0.0
+
+    def add(self, factors: Factors, grams: dict[str, Tensor]) -> None:
+        """One request: its factors and its Grams (keyed by the same module names)."""
+        k = len(self.terms)
+        terms = {}
+        for name, (b, a) in factors.items():
+            if name not in grams:
+                raise UserError(f"regmean: request {k} has an adapter for '{name}' but no Gram matrix")
+            g = grams[name]
+            if g.shape != (a.shape[1], a.shape[1]):
+                raise UserError(
+                    f"regmean: Gram of '{name}' (request {k}) is {tuple(g.shape)}, want {a.shape[1]}^2"
+                )
+            self.eps = max(self.eps, torch.finfo(g.dtype).eps)
+            g = g.to(device=a.device, dtype=torch.float64)
+            self.gram_sum[name] = g if name not in self.gram_sum else self.gram_sum[name] + g
+            terms[name] = (b, a.double() @ g)
+        self.terms.append(terms)
+
+    def fuse(self, ridge: float = DEFAULT_RIDGE) -> tuple[Factors, dict[str, Any]]:
+        """M = sum_k delta_k G_k (G + lambda I)^-1 for every module, as an exact LoRA of rank sum_k r_k."""
+        if not self.terms:
+            raise UserError("regmean: no requests to fuse")
+        if ridge < 0:
+            raise UserError(f"regmean: ridge must be >= 0, got {ridge}")
+        fused: Factors = {}
+        lambdas: dict[str, float] = {}
+        for name, gram_sum in self.gram_sum.items():
+            present = [t[name] for t in self.terms if name in t]
+            dtype = present[0][0].dtype
+            in_dim = gram_sum.shape[0]
+            lam = ridge * float(gram_sum.diagonal().sum()) / in_dim
+            rhs = torch.cat([p.T for _, p in present], dim=1)  # [in, sum r_k]
+            if lam > 0:
+                # (G + lam I) is symmetric positive definite: P_k (G + lam I)^-1 = ((G + lam I)^-1 P_k^T)^T.
+                eye = torch.eye(in_dim, dtype=torch.float64, device=gram_sum.device)
+                solved = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram_sum + lam * eye))
+            else:
+                # eigenvalues below the Grams' own rounding noise are treated as zero, not as data
+                solved = torch.linalg.pinv(gram_sum, rtol=self.eps * in_dim, hermitian=True) @ rhs
+            b = torch.cat([b for b, _ in present], dim=1)
+            fused[name] = (b.to(dtype), solved.T.contiguous().to(dtype))
+            lambdas[name] = lam
+        info = {"method": "regmean", "ridge": ridge, "lambda": lambdas, "requests": len(self.terms)}
+        return fused, info
+
+
 def regmean(
     factors: list[Factors], grams: list[dict[str, Tensor]], ridge: float = DEFAULT_RIDGE
 ) -> tuple[Factors, dict[str, Any]]:
@@ -138,44 +197,10 @@ def regmean(
     """
     if len(factors) != len(grams) or not factors:
         raise UserError(f"regmean needs one Gram dict per adapter, got {len(factors)} adapters, {len(grams)}")
-    if ridge < 0:
-        raise UserError(f"regmean: ridge must be >= 0, got {ridge}")
-    names = list(dict.fromkeys(name for f in factors for name in f))
-    fused: Factors = {}
-    lambdas: dict[str, float] = {}
-    for name in names:
-        present = [k for k, f in enumerate(factors) if name in f]
-        dtype = factors[present[0]][name][1].dtype
-        bs, rhs, gram_sum, eps = [], [], None, 0.0
-        for k in present:
-            b, a = (t.double() for t in factors[k][name])
-            if name not in grams[k]:
-                raise UserError(f"regmean: request {k} has an adapter for '{name}' but no Gram matrix")
-            eps = max(eps, torch.finfo(grams[k][name].dtype).eps)
-            g = grams[k][name].to(device=a.device, dtype=torch.float64)
-            if g.shape != (a.shape[1], a.shape[1]):
-                raise UserError(
-                    f"regmean: Gram of '{name}' (request {k}) is {tuple(g.shape)}, want {a.shape[1]}^2"
-                )
-            gram_sum = g if gram_sum is None else gram_sum + g
-            bs.append(b)
-            rhs.append(g @ a.T)  # G_k A_k^T  [in, r_k]
-        assert gram_sum is not None
-        in_dim = gram_sum.shape[0]
-        trace = float(gram_sum.diagonal().sum())
-        lam = ridge * trace / in_dim
-        stacked = torch.cat(rhs, dim=1)
-        if lam > 0:
-            # (G + lam I) is symmetric, so A_k G_k (G + lam I)^-1 = ((G + lam I)^-1 G_k A_k^T)^T.
-            eye = torch.eye(in_dim, dtype=torch.float64, device=gram_sum.device)
-            solved = torch.linalg.solve(gram_sum + lam * eye, stacked)
-        else:
-            # eigenvalues below the Grams' own rounding noise are treated as zero, not as data
-            solved = torch.linalg.pinv(gram_sum, rtol=eps * in_dim, hermitian=True) @ stacked
-        fused[name] = (torch.cat(bs, dim=1).to(dtype), solved.T.contiguous().to(dtype))
-        lambdas[name] = lam
-    info = {"method": "regmean", "ridge": ridge, "lambda": lambdas, "requests": len(factors)}
-    return fused, info
+    sums = RegMeanSums()
+    for f, g in zip(factors, grams, strict=True):
+        sums.add(f, g)
+    return sums.fuse(ridge)
 
 
 def svd_truncate(factors: Factors, rank: int) -> tuple[Factors, dict[str, float]]:
@@ -249,6 +274,35 @@ def peft_fusion(
     if uses_density:
         info["density"] = density
     return factors, info
+
+
+@contextmanager
+def factors_applied(model: PeftModel, factors: Factors) -> Iterator[PeftModel]:
+    """``model`` computing W x + B A x with ``factors`` in place of its own adapter, for evaluating a
+    fused adapter of any rank without a second model or touching a weight: the live adapter is
+    disabled and a forward hook adds (x A^T) B^T to each named layer's output."""
+    layers = dict(model.named_modules())
+    missing = [name for name in factors if not isinstance(layers.get(name), LoraLayer)]
+    if missing:
+        raise UserError(f"factors_applied: the model has no LoRA layer '{missing[0]}'")
+
+    def hook(b: Tensor, a: Tensor):
+        def add(module, args, output):
+            x = args[0]
+            return output + ((x.to(a.dtype) @ a.T) @ b.T).to(output.dtype)
+
+        return add
+
+    handles = []
+    try:
+        with model.disable_adapter():
+            for name, (b, a) in factors.items():
+                device = layers[name].base_layer.weight.device
+                handles.append(layers[name].register_forward_hook(hook(b.to(device), a.to(device))))
+            yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def save_factors(
