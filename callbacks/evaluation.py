@@ -79,6 +79,7 @@ class UnlearningEvaluation(Callback):
         )
         self.cosine_model, self.nli_model = cosine_model, nli_model
         self.evaluator: Evaluator | None = None  # the protocol injects its own
+        self.periodic = True  # SequentialForgetting turns this off and calls evaluate() itself
         self.history: list[dict] = []
         self.best: dict | None = None
 
@@ -108,7 +109,7 @@ class UnlearningEvaluation(Callback):
         self.evaluate(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if self.periodic and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

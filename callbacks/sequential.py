@@ -9,6 +9,11 @@ is trained on the frozen base and the fused adapter combines them in closed form
 fused adapter is simply the latest one. The set of trainable parameters never changes, which is
 what DDP and FSDP need once they have wrapped the model.
 
+With an ``UnlearningEvaluation`` callback in the Trainer, the fused model (base + fused adapter) is
+evaluated after every request instead of the callback's own periodic evaluations, and each
+request's forget truth ratio, ROUGE and (with the retain model's report) forget quality over its
+own records go into its ledger line beside model utility: the continual-unlearning table.
+
 Files under ``dirpath``: ``requests/<k>/`` (peft adapter, ``grams.safetensors`` keyed by module
 name, ``request.json``), ``fused/`` (peft adapter, ``fusion.json``), ``ledger.jsonl`` (one line
 per request). Every write is atomic. Rerunning the same command after a crash skips the requests
@@ -20,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,10 +33,20 @@ import torch
 from lightning import Callback, LightningModule, Trainer
 from safetensors.torch import load_file, save_file
 
-from lightning_unlearn.adapters import load_factors, regmean, save_factors, svd_truncate
+from lightning_unlearn.adapters import (
+    Factors,
+    RegMeanSums,
+    factors_applied,
+    load_factors,
+    save_factors,
+    svd_truncate,
+)
+from lightning_unlearn.callbacks.evaluation import UnlearningEvaluation
 from lightning_unlearn.data.records import load_records
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory, write_text_atomic
+from lightning_unlearn.metrics.tofu import forget_quality, forget_truth_ratio
+from lightning_unlearn.report import Report
 
 MODES = ("independent", "stacked")
 
@@ -48,6 +64,38 @@ def records_hash(records: list[dict]) -> str:
     """sha256 of the records' canonical JSON: the ledger's proof of what was forgotten."""
     canonical = json.dumps(records, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(canonical).hexdigest()
+
+
+def request_metrics(
+    report: Report,
+    forget: list[dict],
+    retain: Sequence[float] | None,
+    requests: dict[str, list[dict]],
+) -> dict[str, float]:
+    """Each request's forget metrics over its own records of the evaluated ``forget`` split
+    (matched by question): ``forget_truth_ratio/<name>``, ``forget_Q_A_ROUGE/<name>`` and, given
+    the retain model's per-sample forget truth ratios, ``forget_quality/<name>`` (KS test of the
+    same records' truth ratios under the two models)."""
+    if retain is not None and len(retain) != len(forget):
+        raise UserError(
+            f"the retain model's report has {len(retain)} forget truth ratios for {len(forget)} forget questions"
+        )
+    position = {r["question"]: i for i, r in enumerate(forget)}
+    out: dict[str, float] = {}
+    for name, records in requests.items():
+        rows = [position[r["question"]] for r in records if r["question"] in position]
+        if not rows:
+            continue
+        truth_ratios = report.per_sample.get("forget_truth_ratio")
+        if truth_ratios is not None:
+            mine = [truth_ratios[i] for i in rows]
+            out[f"forget_truth_ratio/{name}"] = forget_truth_ratio(torch.tensor(mine))
+            if retain is not None:
+                out[f"forget_quality/{name}"] = forget_quality(mine, [retain[i] for i in rows])
+        rouge = report.per_sample.get("forget_Q_A_ROUGE")
+        if rouge is not None:
+            out[f"forget_Q_A_ROUGE/{name}"] = sum(rouge[i] for i in rows) / len(rows)
+    return out
 
 
 class SequentialForgetting(Callback):
@@ -124,6 +172,9 @@ class SequentialForgetting(Callback):
                 )
         self.ledger, self.writer = done, trainer.is_global_zero
         self.pending = list(range(len(done), len(self.requests)))
+        self.evaluation = next((c for c in trainer.callbacks if isinstance(c, UnlearningEvaluation)), None)
+        if self.evaluation is not None:
+            self.evaluation.periodic = False  # we evaluate the fused model after each request instead
         trainer.fit_loop.max_epochs = len(self.pending) * self.epochs_per_request
         trainer.reload_dataloaders_every_n_epochs = 1  # each request brings its own forget set
         if self.pending:  # the data first: the optimiser set-up sizes itself from it
@@ -131,6 +182,15 @@ class SequentialForgetting(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The model exists now (configure_model ran); the objective's own on_fit_start comes next.
+        self.sums = RegMeanSums()
+        if self.ledger and trainer.is_global_zero:
+            if self.mode == "independent":  # resumed: the running sums of the completed requests
+                for k in range(len(self.ledger)):
+                    self._add_to_sums(self.dirpath / "requests" / str(k))
+            # A kill can fall between replacing fused/ and the ledger line: make fused/ match the ledger.
+            fusion = self.dirpath / "fused" / "fusion.json"
+            if not fusion.is_file() or json.loads(fusion.read_text()).get("requests") != len(self.ledger):
+                self._fuse(upto=len(self.ledger) - 1)
         if self.pending:
             if self.mode == "stacked" and self.ledger:
                 self._load_slot(pl_module, self.dirpath / "requests" / str(len(self.ledger) - 1))
@@ -171,7 +231,11 @@ class SequentialForgetting(Callback):
                 save_file({n: g.contiguous() for n, g in grams.items()}, str(tmp / "grams.safetensors"))
                 request = {**asdict(self.requests[k]), "index": k, "sha256": records_hash(self.records[k])}
                 write_text_atomic(tmp / "request.json", json.dumps(request, indent=1) + "\n")
-            self._fuse(pl_module, upto=k)
+            if self.mode == "independent":
+                self._add_to_sums(request_dir)
+            fused = self._fuse(upto=k)
+        if self.evaluation is not None:
+            metrics.update(self._evaluate(trainer, pl_module, fused if trainer.is_global_zero else None, k))
         entry = {
             "index": k,
             "name": self.requests[k].name,
@@ -224,20 +288,44 @@ class SequentialForgetting(Callback):
             grams = {n: trainer.strategy.reduce(g, reduce_op="sum") for n, g in grams.items()}
         return {n: g.float().cpu() for n, g in grams.items()}
 
-    def _fuse(self, pl_module: LightningModule, upto: int) -> None:
-        requests = [self.dirpath / "requests" / str(k) for k in range(upto + 1)]
-        config = json.loads((requests[-1] / "adapter_config.json").read_text())
-        if self.mode == "stacked":
-            factors, info = load_factors(requests[-1]), {"method": "stacked", "requests": upto + 1}
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, fused: Factors | None, k: int) -> dict:
+        """Evaluate base + fused adapter on every rank; the ledger's per-request metrics."""
+        report_metrics = {}
+        if self.mode == "stacked":  # the fused adapter is the live slot itself
+            report = self.evaluation.evaluate(trainer, pl_module)
         else:
-            adapters = [load_factors(d) for d in requests]
-            grams = [load_file(str(d / "grams.safetensors")) for d in requests]
-            factors, info = regmean(adapters, grams, ridge=self.ridge)
-            info["requests"] = upto + 1
+            fused = trainer.strategy.broadcast(fused, src=0)
+            with factors_applied(pl_module.model, fused):
+                report = self.evaluation.evaluate(trainer, pl_module)
+        for name in ("forget_quality", "forget_truth_ratio", "model_utility", "forget_Q_A_ROUGE"):
+            if name in report.metrics:
+                report_metrics[f"eval/{name}"] = report.metrics[name]
+        so_far = {self.requests[j].name: self.records[j] for j in range(k + 1)}
+        evaluator = self.evaluation.evaluator
+        per_request = request_metrics(
+            report, evaluator.splits.get("forget", []), evaluator.retain_truth_ratios, so_far
+        )
+        return {**report_metrics, **{f"eval/{n}": v for n, v in per_request.items()}}
+
+    def _add_to_sums(self, request_dir: Path) -> None:
+        """Add a saved request to RegMean's running sums (read back from disk, so a resumed run sums
+        exactly what an uninterrupted one did)."""
+        self.sums.add(load_factors(request_dir), load_file(str(request_dir / "grams.safetensors")))
+
+    def _fuse(self, upto: int) -> Factors:
+        """Write fused/ for requests 0..upto: RegMean over the running sums (independent) or the
+        latest adapter (stacked), optionally SVD-truncated."""
+        last = self.dirpath / "requests" / str(upto)
+        config = json.loads((last / "adapter_config.json").read_text())
+        if self.mode == "stacked":
+            factors, info = load_factors(last), {"method": "stacked", "requests": upto + 1}
+        else:
+            factors, info = self.sums.fuse(self.ridge)
         if self.fused_rank is not None:
             factors, errors = svd_truncate(factors, self.fused_rank)
             info.update(fused_rank=self.fused_rank, svd_relative_error=errors)
         save_factors(self.dirpath / "fused", factors, config, info)
+        return factors
 
     def _load_slot(self, pl_module: LightningModule, directory: Path) -> None:
         """Stacked resume: the adapter slot takes the last completed request's weights."""

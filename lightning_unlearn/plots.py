@@ -69,3 +69,34 @@ def forget_quality_vs_utility(
     ax.set_ylabel("forget quality (KS p-value)")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def continual_forgetting(runs: Mapping[str, Sequence[Mapping]], path: str | Path) -> Path:
+    """Continual unlearning, one panel per sequential run: each request's forget quality after every
+    step from the step it was requested (log axis), and model utility on a second axis."""
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), squeeze=False)
+    for ax, (name, ledger) in zip(axes[0], runs.items(), strict=True):
+        done = [entry for entry in ledger if entry.get("status") == "done"]
+        steps = range(1, len(done) + 1)
+        for k, request in enumerate(entry["name"] for entry in done):
+            key = f"eval/forget_quality/{request}"
+            pts = [(s, e["metrics"][key]) for s, e in zip(steps, done, strict=True) if key in e["metrics"]]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(
+                    xs, ys, marker="o", label=f"FQ {request}", color=plt.cm.viridis(k / max(1, len(done)))
+                )
+        ax.set_yscale("log")
+        ax.set_xlabel("requests unlearned")
+        ax.set_ylabel("forget quality (KS p-value)")
+        ax.set_title(name)
+        utility = [(s, e["metrics"]["eval/model_utility"]) for s, e in zip(steps, done, strict=True)
+                   if "eval/model_utility" in e["metrics"]]  # fmt: skip
+        if utility:
+            twin = ax.twinx()
+            xs, ys = zip(*utility, strict=True)
+            twin.plot(xs, ys, color="black", linestyle="--", marker="s", label="model utility")
+            twin.set_ylabel("model utility")
+            twin.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="lower left")
+    return _save(fig, path)

@@ -16,7 +16,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from lightning_unlearn.callbacks import UnlearningEvaluation
+from lightning_unlearn.callbacks import ForgetRequest, SequentialForgetting, UnlearningEvaluation
+from lightning_unlearn.callbacks.sequential import request_metrics
 from lightning_unlearn.data.datamodule import FineTuneDataModule, UnlearningDataModule
 from lightning_unlearn.data.formatting import PromptFormat
 from lightning_unlearn.data.synthetic import WorldConfig, make_world
@@ -25,10 +26,10 @@ from lightning_unlearn.errors import UserError
 from lightning_unlearn.evaluation import Evaluator
 from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality
-from lightning_unlearn.models import ModelSpec, load_model, load_spec_tokenizer
+from lightning_unlearn.models import ModelSpec, load_adapter, load_model, load_spec_tokenizer
 from lightning_unlearn.objectives import FineTune, UnlearningObjective
-from lightning_unlearn.plots import forget_quality_vs_utility, truth_ratio_histograms
-from lightning_unlearn.report import Report, metrics_table
+from lightning_unlearn.plots import continual_forgetting, forget_quality_vs_utility, truth_ratio_histograms
+from lightning_unlearn.report import Report, continual_table, metrics_table
 
 TABLE_COLUMNS = [
     "forget_quality",
@@ -81,10 +82,26 @@ class DataSettings:
 
 
 @dataclass
+class SequentialSettings:
+    """An unlearning stage as a schedule of deletion requests (``SequentialForgetting``): the
+    forget split cut in order into ``requests`` equal parts (one per author when the forget
+    authors have equally many facts, as in the synthetic world), each unlearned for
+    ``epochs_per_request`` epochs, in ``mode`` ``independent`` (fused by RegMean) or ``stacked``.
+    The fused model is evaluated after every request; the stage's row is the final fused model."""
+
+    requests: int = 5
+    mode: str = "independent"
+    epochs_per_request: int = 1
+    ridge: float = 1e-4
+    fused_rank: int | None = None
+
+
+@dataclass
 class Stage:
     """One training run: the objective (``class_path``/``init_args``; its ``model`` is filled in by
     the protocol), epochs, batch sizes and extra Trainer arguments. ``eval_every_n_epochs`` (an
-    unlearning stage) evaluates during training too, for the forget-quality vs utility figure."""
+    unlearning stage) evaluates during training too, for the forget-quality vs utility figure.
+    ``sequential`` makes it a schedule of deletion requests (``max_epochs`` is then ignored)."""
 
     objective: UnlearningObjective = field(default_factory=FineTune)
     max_epochs: int = 1
@@ -92,6 +109,7 @@ class Stage:
     retain_per_forget: int = 1
     trainer: dict[str, Any] = field(default_factory=dict)
     eval_every_n_epochs: int | None = None
+    sequential: SequentialSettings | None = None
 
 
 @dataclass
@@ -226,15 +244,55 @@ class Protocol:
             seed=self.seed,
         )
         spec = ModelSpec(path=str(target), dtype=self.base.dtype)
-        callbacks = []
-        if stage.eval_every_n_epochs:
-            during = UnlearningEvaluation(every_n_epochs=stage.eval_every_n_epochs)
+        callbacks: list = []
+        if stage.eval_every_n_epochs or stage.sequential:
+            during = UnlearningEvaluation(every_n_epochs=stage.eval_every_n_epochs or 1)
             during.evaluator = self._evaluator(load_spec_tokenizer(spec), progress=False)
             callbacks.append(during)
+        if stage.sequential:
+            callbacks.append(self._sequential(stage_name, stage.sequential))
         unlearned = self._train(stage_name, stage, spec, dm, callbacks)
-        if callbacks:
+        if stage.eval_every_n_epochs:
             self.histories[stage_name] = callbacks[0].history
+        if stage.sequential:
+            ledger = callbacks[1].dirpath / "ledger.jsonl"
+            self.continual[stage_name] = [json.loads(line) for line in ledger.read_text().splitlines()]
+            self.continual_requests[stage_name] = {
+                r.name: rs for r, rs in zip(callbacks[1].requests, callbacks[1].records, strict=True)
+            }
+            unlearned = self._export_fused(stage_name, spec, callbacks[1].dirpath / "fused", target)
         return unlearned
+
+    def _sequential(self, stage_name: str, settings: SequentialSettings) -> SequentialForgetting:
+        forget = load_split(self.splits_dir, "forget")
+        if not 1 <= settings.requests <= len(forget):
+            raise UserError(
+                f"objectives.{stage_name}.sequential.requests must be between 1 and the forget split's "
+                f"{len(forget)} records, got {settings.requests}"
+            )
+        size = -(-len(forget) // settings.requests)
+        requests = [
+            ForgetRequest(name=f"request{k}", ids=[str(r["id"]) for r in forget[k * size : (k + 1) * size]])
+            for k in range(settings.requests)
+        ]
+        return SequentialForgetting(
+            str(self.run_dir / "sequential" / stage_name),
+            [r for r in requests if r.ids],
+            mode=settings.mode,
+            epochs_per_request=settings.epochs_per_request,
+            ridge=settings.ridge,
+            fused_rank=settings.fused_rank,
+            seed=self.seed,
+        )
+
+    def _export_fused(self, stage_name: str, spec: ModelSpec, fused: Path, target: Path) -> Path:
+        """The sequential stage's model: the target with the fused adapter merged in."""
+        merged = load_adapter(load_model(spec), str(fused)).merge_and_unload()
+        directory = self.run_dir / "models" / stage_name
+        with atomic_directory(directory) as tmp:
+            merged.save_pretrained(tmp)
+            load_spec_tokenizer(spec).save_pretrained(tmp)
+        return directory
 
     def _evaluator(self, tokenizer, progress: bool = True) -> Evaluator:
         """The protocol's evaluation, against the retain model once it is known."""
@@ -276,6 +334,8 @@ class Protocol:
         target = self._finetune("finetuned", "full")
         reports = {"finetuned": self._evaluate("finetuned", target), "retain": retain_report}
         self.histories: dict[str, list[dict]] = {}
+        self.continual: dict[str, list[dict]] = {}
+        self.continual_requests: dict[str, dict[str, list[dict]]] = {}
         for name, stage in self.objectives.items():
             unlearned = self._unlearn(name, stage, target)
             reports[name] = self._evaluate(name, unlearned)
@@ -297,11 +357,28 @@ class Protocol:
             forget_quality_vs_utility(
                 self.histories, self.run_dir / "fq_vs_mu.png", retain_report.metrics.get("model_utility")
             )
+        if self.continual:
+            self._continual_report(reports["finetuned"])
         print(table)
         print(
             f"[{self.name}] done in {time.perf_counter() - start:.0f} s; report: {self.run_dir / 'report.json'}"
         )
         return reports
+
+    def _continual_report(self, target: Report) -> None:
+        """Per sequential stage and step: each request's forget quality so far and model utility
+        (continual.md, continual.json, continual.png); step 0 is the target before any request."""
+        write_text_atomic(self.run_dir / "continual.json", json.dumps(self.continual, indent=1) + "\n")
+        sections = []
+        for name, ledger in self.continual.items():
+            requests = self.continual_requests[name]
+            before = request_metrics(target, self.eval_splits.get("forget", []), self.retain_tr, requests)
+            before["model_utility"] = target.metrics.get("model_utility")
+            before = {f"eval/{k}": v for k, v in before.items()}
+            sections.append(continual_table(name, ledger, before))
+        write_text_atomic(self.run_dir / "continual.md", "\n\n".join(sections) + "\n")
+        continual_forgetting(self.continual, self.run_dir / "continual.png")
+        print("\n\n".join(sections))
 
     @staticmethod
     def _columns(reports: dict[str, Report]) -> list[str]:

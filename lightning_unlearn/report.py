@@ -65,3 +65,25 @@ def metrics_table(rows: dict[str, dict[str, float]], columns: list[str] | None =
     for name, metrics in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics.get(c)) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def continual_table(name: str, ledger: list[dict], before: dict[str, float] | None = None) -> str:
+    """One sequential run as a Markdown table: a row per completed request (step), a column per
+    request's forget quality (``-`` before it is requested), then model utility; ``before`` (the
+    same ``eval/...`` keys, every request) is the model before the first request. Falls back to
+    each request's forget truth ratio when no retain model was known."""
+    done = [entry for entry in ledger if entry.get("status") == "done"]
+    requests = [entry["name"] for entry in done]
+    kind = "forget_quality"
+    if done and not any(k.startswith("eval/forget_quality/") for k in done[-1].get("metrics", {})):
+        kind = "forget_truth_ratio"
+    rows = {}
+    if before is not None:
+        row = {f"{kind} {r}": before.get(f"eval/{kind}/{r}") for r in requests}
+        rows["before (0)"] = {**row, "model_utility": before.get("eval/model_utility")}
+    for step, entry in enumerate(done, start=1):
+        metrics = entry.get("metrics", {})
+        row = {f"{kind} {r}": metrics.get(f"eval/{kind}/{r}") for r in requests}
+        row["model_utility"] = metrics.get("eval/model_utility")
+        rows[f"after {entry['name']} ({step})"] = row
+    return f"### {name}\n\n" + metrics_table(rows)

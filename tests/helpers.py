@@ -3,7 +3,12 @@ plain SGD step, and Hugging Face's own loss as the independent reference."""
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import torch
+from lightning import Callback
 
 
 def first_batch(datamodule) -> dict:
@@ -31,3 +36,15 @@ def sgd_step(objective, batch: dict, lr: float = 0.5) -> None:
         for p in objective.parameters():
             if p.grad is not None:
                 p -= lr * p.grad
+
+
+class PauseAt(Callback):
+    """Test harness for kill-and-resume: when ``LU_PAUSE_AT_STEP`` is set, after that global step
+    touch ``LU_PAUSE_MARKER`` and sleep, so the test can send a real signal mid-run. Unset, it
+    does nothing, so the resumed run is the same command."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = os.environ.get("LU_PAUSE_AT_STEP")
+        if step is not None and trainer.global_step == int(step):
+            Path(os.environ["LU_PAUSE_MARKER"]).touch()
+            time.sleep(600)

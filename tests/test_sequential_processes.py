@@ -1,0 +1,174 @@
+"""SequentialForgetting as real commands (``lightning-unlearn fit --config``) in subprocesses: a run
+killed with SIGKILL in the middle of a request and rerun with the same command ends with the same
+fused adapter as an uninterrupted run, and a 2-process ``ddp`` run equals the 1-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_LLAMA
+
+from lightning_unlearn.adapters import load_factors
+from lightning_unlearn.data.tofu import load_split
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _config(tmp_path: Path, world_dir: Path, tokenizer_dir: str, name: str, batch_size: int) -> Path:
+    """Three requests of four forget records, GradDiff + LoRA, SGD; one batch per epoch at
+    batch_size 4 (or 2 per rank on 2 ranks), so 1 and 2 processes see the same global batches."""
+    ids = [str(r["id"]) for r in load_split(str(world_dir), "forget10")][:12]
+    requests = [{"name": f"r{k}", "ids": ids[4 * k : 4 * k + 4]} for k in range(3)]
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "enable_checkpointing": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "callbacks": [
+                {
+                    "class_path": "lightning_unlearn.callbacks.SequentialForgetting",
+                    "init_args": {
+                        "dirpath": str(tmp_path / name),
+                        "requests": requests,
+                        "epochs_per_request": 3,
+                    },
+                },
+                {"class_path": "helpers.PauseAt"},
+            ],
+        },
+        "model": {
+            "class_path": "lightning_unlearn.objectives.GradDiff",
+            "init_args": {
+                "model": {"config": dict(TINY_LLAMA), "tokenizer": tokenizer_dir},
+                "adapter": {"r": 4, "alpha": 8},
+                "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+            },
+        },
+        "data": {
+            "class_path": "lightning_unlearn.data.datamodule.UnlearningDataModule",
+            "init_args": {
+                "tokenizer": tokenizer_dir,
+                "source": str(world_dir),
+                "forget_split": "forget10",
+                "retain_split": "retain90",
+                "batch_size": batch_size,
+                "max_length": 64,
+            },
+        },
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "lightning_unlearn", "fit", "--config", str(config), *extra]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LU_PAUSE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    env["WANDB_MODE"] = "disabled"
+    return {**env, **extra}
+
+
+def _run(command: list[str], cwd: Path, **env: str) -> None:
+    done = subprocess.run(command, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _fused(run: Path) -> dict[str, torch.Tensor]:
+    return {name: b @ a for name, (b, a) in load_factors(run / "fused").items()}
+
+
+def _ledger(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
+
+
+def test_killed_mid_request_resumes_to_the_uninterrupted_result(tmp_path, world_dir, tokenizer_dir):
+    whole = _config(tmp_path, world_dir, tokenizer_dir, "whole", batch_size=4)
+    _run(_command(whole), tmp_path)
+
+    # Request r1 trains at global steps 3..5: pause after step 4 and kill the process from outside.
+    killed = _config(tmp_path, world_dir, tokenizer_dir, "killed", batch_size=4)
+    marker = tmp_path / "paused"
+    env = _env(LU_PAUSE_AT_STEP="4", LU_PAUSE_MARKER=str(marker))
+    process = subprocess.Popen(_command(killed), cwd=tmp_path, env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "the run never reached the pause"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    ledger = _ledger(tmp_path / "killed")
+    assert [(e["name"], e["status"]) for e in ledger] == [("r0", "done"), ("r1", "running")]
+    (tmp_path / "killed_r0.json").write_text(
+        json.dumps({k: ledger[0][k] for k in ("ids", "sha256", "start", "end", "metrics")})
+    )
+    assert not (tmp_path / "killed" / "requests" / "1").exists()
+    assert not list((tmp_path / "killed").glob(".*")), "a temporary file or directory was left behind"
+
+    _run(_command(killed), tmp_path)  # the same command again
+    ledger = _ledger(tmp_path / "killed")
+    assert [(e["name"], e["status"]) for e in ledger] == [("r0", "done"), ("r1", "done"), ("r2", "done")]
+    kept = ("ids", "sha256", "start", "end", "metrics")
+    first = json.loads((tmp_path / "killed_r0.json").read_text())
+    assert {k: ledger[0][k] for k in kept} == first  # request r0's line kept as it was
+
+    want, got = _fused(tmp_path / "whole"), _fused(tmp_path / "killed")
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
+    assert max(float(d.abs().max()) for d in want.values()) > 1e-3  # the adapters did train
+
+    # Rerunning a finished run changes nothing; a changed schedule is refused, not silently mixed.
+    _run(_command(killed), tmp_path)
+    assert _ledger(tmp_path / "killed") == ledger
+    swapped = yaml.safe_load(killed.read_text())
+    requests = swapped["trainer"]["callbacks"][0]["init_args"]["requests"]
+    requests[0]["ids"], requests[1]["ids"] = requests[1]["ids"], requests[0]["ids"]
+    killed.write_text(yaml.safe_dump(swapped))
+    done = subprocess.run(
+        _command(killed), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2 and "no longer matches the schedule" in done.stderr
+    assert "Traceback" not in done.stderr and _ledger(tmp_path / "killed") == ledger
+
+
+def test_two_process_ddp_equals_one_process(tmp_path, world_dir, tokenizer_dir):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    one = _config(tmp_path, world_dir, tokenizer_dir, "one", batch_size=4)
+    _run(_command(one), tmp_path)
+    two = _config(tmp_path, world_dir, tokenizer_dir, "two", batch_size=2)
+    _run(_command(two, "--trainer.devices", "2", "--trainer.strategy", "ddp"), tmp_path)
+
+    want, got = _fused(tmp_path / "one"), _fused(tmp_path / "two")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)
+    for k in range(3):
+        g1 = _grams(tmp_path / "one", k)
+        g2 = _grams(tmp_path / "two", k)
+        for name in g1:
+            torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-5)
+    assert [e["ids"] for e in _ledger(tmp_path / "one")] == [e["ids"] for e in _ledger(tmp_path / "two")]
+
+
+def _grams(run: Path, k: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "requests" / str(k) / "grams.safetensors"))
