@@ -9,9 +9,9 @@ from conftest import TINY_LLAMA
 
 from lightning_unlearn.data.synthetic import WorldConfig
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.models import ModelSpec
+from lightning_unlearn.models import LoraSpec, ModelSpec
 from lightning_unlearn.objectives import NPO, FineTune, GradAscent, GradDiff, IdkAP
-from lightning_unlearn.protocol import DataSettings, EvalSettings, Protocol, Stage
+from lightning_unlearn.protocol import DataSettings, EvalSettings, Protocol, SequentialSettings, Stage
 
 
 def _adamw(lr: float):
@@ -33,6 +33,12 @@ def _protocol(tmp_path, **overrides) -> Protocol:
             # NPO builds its cached reference inside fit; IdkAP needs the refusal sub-batches.
             "npo": Stage(objective=NPO(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
             "idk_ap": Stage(objective=IdkAP(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4),
+            # Two deletion requests, one LoRA each, fused; evaluated after each request.
+            "seq": Stage(
+                objective=GradDiff(adapter=LoraSpec(r=4, alpha=8), optimizer=_adamw(1e-2)),
+                batch_size=4,
+                sequential=SequentialSettings(requests=2, epochs_per_request=2),
+            ),
         },
         "data": DataSettings(
             world=WorldConfig(
@@ -58,7 +64,7 @@ def test_protocol_writes_one_report_entry_per_model(tmp_path):
     reports = _protocol(tmp_path).run()
     run = tmp_path / "runs" / "mini"
     saved = json.loads((run / "report.json").read_text())
-    assert list(saved) == ["finetuned", "retain", "ga", "gd", "npo", "idk_ap"]
+    assert list(saved) == ["finetuned", "retain", "ga", "gd", "npo", "idk_ap", "seq"]
     for name, entry in saved.items():
         assert entry["metrics"] == pytest.approx(reports[name].metrics)
         assert (run / "models" / name / "config.json").is_file()
@@ -96,6 +102,18 @@ def test_protocol_writes_one_report_entry_per_model(tmp_path):
         saved["finetuned"]["metrics"]["forget_Q_A_Prob"], rel=1e-4
     )
     assert (run / "fq_vs_mu.png").stat().st_size > 0
+    # The sequential stage: its row is the target with the fused adapter merged in, which is what
+    # the callback evaluated (through hooks) after the last request.
+    ledger = json.loads((run / "continual.json").read_text())["seq"]
+    assert [(e["name"], e["status"]) for e in ledger] == [("request0", "done"), ("request1", "done")]
+    last = ledger[-1]["metrics"]
+    for metric in ("forget_quality", "model_utility", "forget_truth_ratio"):
+        assert last[f"eval/{metric}"] == pytest.approx(saved["seq"]["metrics"][metric], rel=1e-4)
+    assert saved["seq"]["metrics"]["forget_Q_A_Prob"] < saved["finetuned"]["metrics"]["forget_Q_A_Prob"]
+    table = (run / "continual.md").read_text()
+    assert "| before (0) |" in table and "| after request1 (2) |" in table
+    assert table.count("| - |") == 1  # request1 has no forget quality after request0 only
+    assert (run / "continual.png").stat().st_size > 0
 
 
 def test_protocol_bad_data_leaves_no_complete_looking_output(tmp_path):

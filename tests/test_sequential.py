@@ -108,3 +108,72 @@ def test_stacked_fused_is_the_last_adapter_and_bad_schedules_fail(
         SequentialForgetting(str(tmp_path), [ForgetRequest("a", ids=["x"])], mode="parallel")
     with pytest.raises(UserError, match="unique"):
         SequentialForgetting(str(tmp_path), [ForgetRequest("a", ids=["x"]), ForgetRequest("a", ids=["y"])])
+
+
+def test_fused_model_is_evaluated_after_each_request(tmp_path, tiny_spec, world_dir, tokenizer_dir):
+    """With an UnlearningEvaluation callback, each ledger line carries every request-so-far's forget
+    quality: recomputed here from an independent evaluation of base + the saved fused adapter
+    (loaded through peft, not our hooks) and scipy's KS test on that request's rows."""
+    from scipy.stats import ks_2samp
+
+    from lightning_unlearn.callbacks import UnlearningEvaluation
+    from lightning_unlearn.evaluation import Evaluator, load_eval_splits
+    from lightning_unlearn.models import load_adapter
+
+    splits = load_eval_splits(str(world_dir), {"forget": "forget10_perturbed", "retain": "retain_perturbed"})
+    tokenizer = load_tokenizer(tokenizer_dir)
+
+    def evaluator(retain_truth_ratios=None):
+        return Evaluator(tokenizer, splits, batch_size=8, max_new_tokens=4, max_length=64, progress=False,
+                         retain_truth_ratios=retain_truth_ratios)  # fmt: skip
+
+    # Any fixed reference truth ratios do for the check: the untouched base model's.
+    reference = evaluator().run(load_model(tiny_spec)).per_sample["forget_truth_ratio"]
+    evaluation = UnlearningEvaluation(every_n_epochs=1)
+    evaluation.evaluator = evaluator(reference)
+
+    dm = UnlearningDataModule(tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10",
+                              retain_split="retain90", batch_size=4, max_length=64)  # fmt: skip
+    dm.setup()
+    questions = {r["question"] for r in splits["forget"]}
+    ids = [r["id"] for r in dm.forget_records if r["question"] in questions]
+    requests = [ForgetRequest(name=f"r{k}", ids=ids[4 * k : 4 * k + 4]) for k in range(2)]
+    callback = SequentialForgetting(str(tmp_path / "run"), requests, epochs_per_request=2)
+    torch.manual_seed(0)
+    objective = GradDiff(
+        model=tiny_spec, adapter=LoraSpec(r=4, alpha=8), optimizer=lambda p: torch.optim.SGD(p, lr=2.0)
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[evaluation, callback],
+    )  # fmt: skip
+    trainer.fit(objective, datamodule=dm)
+
+    ledger = [json.loads(line) for line in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()]
+    assert [sorted(k for k in e["metrics"] if k.startswith("eval/forget_quality/")) for e in ledger] == [
+        ["eval/forget_quality/r0"],
+        ["eval/forget_quality/r0", "eval/forget_quality/r1"],
+    ]
+    # 1 evaluation before training + 1 per request; the callback's periodic ones were turned off.
+    assert len(evaluation.history) == 3
+
+    fused = load_adapter(load_model(tiny_spec), str(tmp_path / "run" / "fused"))
+    report = evaluator(reference).run(fused)
+    position = {r["question"]: i for i, r in enumerate(splits["forget"])}
+    for request in requests:
+        rows = [position[r["question"]] for r in dm.records_by_id(request.ids)]
+        want = ks_2samp(
+            [report.per_sample["forget_truth_ratio"][i] for i in rows], [reference[i] for i in rows]
+        ).pvalue
+        assert ledger[-1]["metrics"][f"eval/forget_quality/{request.name}"] == pytest.approx(want, rel=1e-6)
+        mine = torch.tensor([report.per_sample["forget_truth_ratio"][i] for i in rows])
+        base = torch.tensor([reference[i] for i in rows])
+        got = ledger[-1]["metrics"][f"eval/forget_truth_ratio/{request.name}"]
+        assert got == pytest.approx(torch.minimum(mine, 1 / mine).mean().item(), rel=1e-5)
+        assert abs(got - torch.minimum(base, 1 / base).mean().item()) > 1e-3  # 100x the tolerance
+    assert ledger[-1]["metrics"]["eval/model_utility"] == pytest.approx(
+        report.metrics["model_utility"], rel=1e-4
+    )
+    assert ledger[-1]["metrics"]["eval/forget_truth_ratio"] == pytest.approx(
+        report.metrics["forget_truth_ratio"], rel=1e-4
+    )
