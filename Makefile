@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned here (not in pyproject) so pip never resolves a multi-GB CUDA build on CPU machines.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo continual test lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ install: $(VENV)/.installed
 
 demo: install
 	WANDB_MODE=offline $(VENV)/bin/lightning-unlearn protocol --config configs/demo.yaml
+
+continual: install
+	WANDB_MODE=offline $(VENV)/bin/lightning-unlearn protocol --config configs/continual.yaml
 
 test: install
 	WANDB_MODE=disabled $(PY) -m pytest -q tests

@@ -213,7 +213,7 @@ class SequentialForgetting(Callback):
         if getattr(pl_module, "reference_policy", None) == "cached" and pl_module.reference_cache:
             pl_module.reference_cache = {}
             pl_module.build_reference_cache(datamodule)
-        self.current, self.started = k, time.time()
+        self.current, self.started, self.started_perf = k, time.time(), time.perf_counter()
         self._write_ledger(extra={"index": k, "name": self.requests[k].name, "status": "running"})
 
     # -- per request -----------------------------------------------------------------------------
@@ -222,7 +222,15 @@ class SequentialForgetting(Callback):
         if (epoch + 1) % self.epochs_per_request:
             return
         k = self.current
+        clock = [time.perf_counter()]
+        seconds = {"train": clock[0] - self.started_perf}
+
+        def lap(name: str) -> None:
+            clock.append(time.perf_counter())
+            seconds[name] = clock[-1] - clock[-2]
+
         grams = self._grams(trainer, pl_module)
+        lap("grams")
         metrics = {n: float(v) for n, v in trainer.callback_metrics.items() if n.startswith("train/")}
         request_dir = self.dirpath / "requests" / str(k)
         if trainer.is_global_zero:
@@ -231,11 +239,14 @@ class SequentialForgetting(Callback):
                 save_file({n: g.contiguous() for n, g in grams.items()}, str(tmp / "grams.safetensors"))
                 request = {**asdict(self.requests[k]), "index": k, "sha256": records_hash(self.records[k])}
                 write_text_atomic(tmp / "request.json", json.dumps(request, indent=1) + "\n")
+            lap("save")
             if self.mode == "independent":
                 self._add_to_sums(request_dir)
             fused = self._fuse(upto=k)
+            lap("fuse")
         if self.evaluation is not None:
             metrics.update(self._evaluate(trainer, pl_module, fused if trainer.is_global_zero else None, k))
+            lap("evaluate")
         entry = {
             "index": k,
             "name": self.requests[k].name,
@@ -245,6 +256,7 @@ class SequentialForgetting(Callback):
             "end": time.time(),
             "status": "done",
             "metrics": metrics,
+            "seconds": {name: round(value, 3) for name, value in seconds.items()},
         }
         self.ledger.append(entry)
         self._write_ledger()
