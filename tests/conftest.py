@@ -63,3 +63,15 @@ def no_logging(monkeypatch):
     import lightning as L
 
     monkeypatch.setattr(L.LightningModule, "log", lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Influence tests run thousands of tiny ops: with a second intra-op thread on a busy 2-core
+    machine they ran 40x slower (OpenMP threads spin waiting for each other)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -48,3 +48,27 @@ class PauseAt(Callback):
         if step is not None and trainer.global_step == int(step):
             Path(os.environ["LU_PAUSE_MARKER"]).touch()
             time.sleep(600)
+
+
+def fit_lbfgs(model, params: list[torch.Tensor], batches: list[dict], n_train: int, weight_decay: float,
+              max_iter: int) -> float:  # fmt: skip
+    """L-BFGS to a stationary point of (1/n_train) sum_i l_i + (weight_decay/2) ||theta||^2 (the
+    influence step's premise); returns the gradient norm reached. Always 1/n_train: dropping rows
+    must not reweight the penalty."""
+    from lightning_unlearn.influence import flatten, per_example_loss
+
+    optimizer = torch.optim.LBFGS(params, lr=1, max_iter=max_iter, history_size=50, tolerance_grad=1e-9,
+                                  tolerance_change=1e-15, line_search_fn="strong_wolfe")  # fmt: skip
+
+    def objective():
+        loss = sum(per_example_loss(model, b).sum() for b in batches) / n_train
+        return loss + weight_decay / 2 * flatten(params).pow(2).sum()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return flatten(torch.autograd.grad(objective(), params)).norm().item()

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY_LLAMA
+from helpers import fit_lbfgs
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -64,34 +65,7 @@ def _mean_loss(model, batches: list[dict]) -> float:
         return torch.cat([per_example_loss(model, b) for b in batches]).mean().item()
 
 
-def _fit(model, params: list[torch.Tensor], batches: list[dict], max_iter: int) -> float:
-    """L-BFGS on (1/N_TRAIN) sum of l_i over ``batches`` + (WEIGHT_DECAY/2) ||theta||^2; returns the
-    gradient norm reached. Always 1/N_TRAIN: dropping rows must not reweight the penalty."""
-    optimizer = torch.optim.LBFGS(params, lr=1, max_iter=max_iter, history_size=50, tolerance_grad=1e-9,
-                                  tolerance_change=1e-15, line_search_fn="strong_wolfe")  # fmt: skip
-
-    def objective():
-        loss = sum(per_example_loss(model, b).sum() for b in batches) / N_TRAIN
-        return loss + WEIGHT_DECAY / 2 * flatten(params).pow(2).sum()
-
-    def closure():
-        optimizer.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return torch.autograd.grad(objective(), params)[0].norm().item()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These are thousands of tiny ops: with a second intra-op thread on a busy 2-core machine the
-    module ran 40x slower (OpenMP threads spin waiting for each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
@@ -142,7 +116,7 @@ def problem(world_dir, tokenizer_dir) -> Problem:
     names, params = [n for n, _ in named], [p for _, p in named]
     assert sum(p.numel() for p in params) == 128
     batches = _batches(records[:N_TRAIN], tokenizer)
-    grad_norm = _fit(model, params, batches, max_iter=200)
+    grad_norm = fit_lbfgs(model, params, batches, N_TRAIN, WEIGHT_DECAY, max_iter=200)
     assert grad_norm < 5e-3, grad_norm
     theta_hat = flatten(params).detach().clone()
 
@@ -329,7 +303,7 @@ def test_instance_removal_raises_the_removed_loss_and_matches_retraining(problem
     # Retrain without the removed rows, warm-started at theta_hat, to convergence.
     kept = _batches([problem.records[i] for i in keep], problem.tokenizer)
     try:
-        grad_norm = _fit(model, problem.params, kept, max_iter=200)
+        grad_norm = fit_lbfgs(model, problem.params, kept, N_TRAIN, WEIGHT_DECAY, max_iter=200)
         moved = flatten(problem.params).detach() - problem.theta_hat
     finally:
         model.load_state_dict(problem.state)

@@ -50,7 +50,7 @@ def validate_record(record: Any, where: str, require: tuple[str, ...] = ()) -> d
     return record
 
 
-def _parse(path: Path) -> list[tuple[int, Any]]:
+def parse_rows(path: Path) -> list[tuple[int, Any]]:
     """(line or item number, value) pairs from a JSON array file or a JSON Lines file."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -79,7 +79,7 @@ def load_records(path: str | Path, require: tuple[str, ...] = ()) -> list[dict]:
     if not path.is_file():
         raise UserError(f"data file '{path}' does not exist")
     records = []
-    for row, item in _parse(path):
+    for row, item in parse_rows(path):
         record = dict(validate_record(item, f"{path}: row {row}", require))
         record.setdefault("id", f"{path.name}:{row}")
         records.append(record)

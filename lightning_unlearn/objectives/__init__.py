@@ -5,6 +5,7 @@ from lightning_unlearn.objectives.ce_u import CEU
 from lightning_unlearn.objectives.finetune import FineTune
 from lightning_unlearn.objectives.grad_ascent import GradAscent, GradDiff
 from lightning_unlearn.objectives.idk import IdkAP, IdkDPO, IdkNLL
+from lightning_unlearn.objectives.influence import InfluenceStep
 from lightning_unlearn.objectives.kl_teacher import KLTeacher
 from lightning_unlearn.objectives.max_entropy import MaxEntropy
 from lightning_unlearn.objectives.npo import NPO, SimNPO
@@ -24,6 +25,7 @@ __all__ = [
     "IdkAP",
     "IdkDPO",
     "IdkNLL",
+    "InfluenceStep",
     "KLTeacher",
     "MaxEntropy",
     "SatImp",
