@@ -81,18 +81,18 @@ def request_metrics(
             f"the retain model's report has {len(retain)} forget truth ratios for {len(forget)} forget questions"
         )
     position = {r["question"]: i for i, r in enumerate(forget)}
+    truth_ratios = report.per_sample.get("forget_truth_ratio")
+    rouge = report.per_sample.get("forget_Q_A_ROUGE")
     out: dict[str, float] = {}
     for name, records in requests.items():
         rows = [position[r["question"]] for r in records if r["question"] in position]
         if not rows:
             continue
-        truth_ratios = report.per_sample.get("forget_truth_ratio")
         if truth_ratios is not None:
             mine = [truth_ratios[i] for i in rows]
             out[f"forget_truth_ratio/{name}"] = forget_truth_ratio(torch.tensor(mine))
             if retain is not None:
                 out[f"forget_quality/{name}"] = forget_quality(mine, [retain[i] for i in rows])
-        rouge = report.per_sample.get("forget_Q_A_ROUGE")
         if rouge is not None:
             out[f"forget_Q_A_ROUGE/{name}"] = sum(rouge[i] for i in rows) / len(rows)
     return out

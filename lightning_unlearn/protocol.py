@@ -212,12 +212,15 @@ class Protocol:
     def _train(
         self, stage_name: str, stage: Stage, model: ModelSpec, datamodule, callbacks: list | None = None
     ) -> Path:
+        """Fit the stage and export its model, except a sequential stage's: its model is the fused
+        adapter merged into the target (``_export_fused``), not the live adapter slot."""
         print(f"[{self.name}] {stage_name}: training {type(stage.objective).__name__}", flush=True)
         L.seed_everything(self.seed, verbose=False)
         objective = copy.deepcopy(stage.objective)  # a stage may run twice (target and retain)
         objective.model_spec = model
         self._trainer(stage_name, stage, callbacks).fit(objective, datamodule=datamodule)
-        return objective.export(self.run_dir / "models" / stage_name)
+        directory = self.run_dir / "models" / stage_name
+        return directory if stage.sequential else objective.export(directory)
 
     def _finetune(self, stage_name: str, split: str) -> Path:
         dm = FineTuneDataModule(
@@ -260,7 +263,7 @@ class Protocol:
             self.continual_requests[stage_name] = {
                 r.name: rs for r, rs in zip(callbacks[1].requests, callbacks[1].records, strict=True)
             }
-            unlearned = self._export_fused(stage_name, spec, callbacks[1].dirpath / "fused", target)
+            unlearned = self._export_fused(stage_name, spec, callbacks[1].dirpath / "fused")
         return unlearned
 
     def _sequential(self, stage_name: str, settings: SequentialSettings) -> SequentialForgetting:
@@ -285,7 +288,7 @@ class Protocol:
             seed=self.seed,
         )
 
-    def _export_fused(self, stage_name: str, spec: ModelSpec, fused: Path, target: Path) -> Path:
+    def _export_fused(self, stage_name: str, spec: ModelSpec, fused: Path) -> Path:
         """The sequential stage's model: the target with the fused adapter merged in."""
         merged = load_adapter(load_model(spec), str(fused)).merge_and_unload()
         directory = self.run_dir / "models" / stage_name
