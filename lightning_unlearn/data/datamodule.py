@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_unlearn.data.collate import TrainCollator
 from lightning_unlearn.data.formatting import PLAIN, PromptFormat, encode
@@ -78,22 +78,23 @@ class PairedDataset(Dataset):
         return [{**items[i], "index": i} for i in shard_indices(len(items), rank, world_size)]
 
 
-class EpochShuffle(Sampler[int]):
+class EpochShuffle(DistributedSampler):
     """A permutation drawn from (seed, the dataset's current epoch) when iteration starts, never
     from the global RNG: the order of an epoch does not depend on what else drew random numbers
     before it (a sanity check, an adapter re-initialisation), so a resumed sequential run sees the
-    same batches as an uninterrupted one. Under DDP, Lightning's wrapper deals this order out to
-    the ranks in turn, so every world size sees the same global batches."""
+    same batches as an uninterrupted one. With ``num_replicas`` ranks, rank r takes positions
+    r, r + num_replicas, ... of that one permutation (padded by wrapping round), so every world
+    size sees the same global batches. It is a DistributedSampler so that Lightning does not wrap
+    it in its own, which would reshuffle with a different seed."""
 
-    def __init__(self, dataset: PairedDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+    def __init__(self, dataset: PairedDataset, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
 
     def __iter__(self):
         gen = torch.Generator().manual_seed((self.dataset.seed * 1_000_003 + self.dataset.epoch) * 7919 + 1)
-        return iter(torch.randperm(len(self.dataset), generator=gen).tolist())
+        order = torch.randperm(len(self.dataset), generator=gen).tolist()
+        order += order[: self.total_size - len(order)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
 
 
 class _Flatten(TrainCollator):
@@ -194,11 +195,16 @@ class UnlearningDataModule(_LoaderMixin, LightningDataModule):
         self.dataset: PairedDataset | None = None
         self.epoch_offset = 0  # sequential forgetting: pairing epochs count from the request's start
 
+    def _replicas(self) -> dict[str, int]:
+        """The data-parallel world this loader is dealt to: the strategy's (1 outside a Trainer)."""
+        kwargs = getattr(getattr(self.trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
+        return {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
+
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffle(self.dataset),
+            sampler=EpochShuffle(self.dataset, **self._replicas()),
             collate_fn=self.collator,
             num_workers=self.num_workers,
         )
