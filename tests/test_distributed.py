@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import pytest
 import torch
@@ -11,7 +13,7 @@ from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.evaluation import Evaluator
 from lightning_unlearn.models import LoraSpec, load_model
-from lightning_unlearn.objectives import NPO, GradDiff
+from lightning_unlearn.objectives import CEU, NPO, UNDIAL, GradDiff, KLTeacher, MaxEntropy, SatImp
 
 
 def _tokens(sub: dict, row: int) -> tuple[int, ...]:
@@ -181,3 +183,66 @@ def test_ddp_spawn_evaluation_equals_one_process(tmp_path, tiny_spec, world_dir,
     assert spawned["generations"] == single["generations"]
     for name in ("forget_quality", "mia_min_k", "privleak", "retain_Q_A_ROUGE"):
         assert name in spawned["metrics"]
+
+
+# Forget terms alone (no NLL), so each case tests only its own token-mean loss.
+TOKEN_MEAN_OBJECTIVES = {
+    "max_entropy_sequence": (MaxEntropy, dict(positions="sequence", forget_weight=1.0, retain_weight=0.0)),
+    "kl_teacher": (KLTeacher, dict(nll_weight=0.0, lm_weight=0.0)),  # both terms are reference_kl
+    "satimp": (SatImp, dict(beta1=1.0, beta2=1.0, forget_weight=1.0, retain_weight=0.0)),
+    "undial": (UNDIAL, dict(beta=3.0)),
+    "ce_u": (CEU, dict()),
+}
+
+
+def _token_mean_step(name: str, spec, devices: int, dm: UnlearningDataModule, out) -> dict:
+    """The weights before and after one plain SGD step (lr 1, so the update is minus the averaged
+    gradient; Adam would normalise a mis-scaled gradient away) on ``devices`` CPU processes."""
+    cls, kwargs = TOKEN_MEAN_OBJECTIVES[name]
+    objective = cls(model=spec, optimizer=functools.partial(torch.optim.SGD, lr=1.0), **kwargs)
+    objective.configure_model()  # the reference (a frozen copy) is the seeded initialisation
+    with torch.no_grad():  # move away from it, so the KL terms have a gradient
+        gen = torch.Generator().manual_seed(1)
+        for p in objective.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    before = {k: v.detach().clone() for k, v in objective.model.state_dict().items()}
+    out.mkdir()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=1,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[RecordRank(str(out))],
+    )  # fmt: skip
+    trainer.fit(objective, datamodule=dm)
+    return {"before": before, **torch.load(out / "rank0.pt", weights_only=False)}
+
+
+@pytest.mark.parametrize("name", list(TOKEN_MEAN_OBJECTIVES))
+def test_ddp_spawn_token_mean_losses_step_like_one_process_on_the_global_batch(
+    name, tmp_path, tiny_spec, world_dir, tokenizer_dir
+):
+    def data(batch_size: int) -> UnlearningDataModule:
+        return UnlearningDataModule(
+            tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10", retain_split="retain90",
+            batch_size=batch_size, max_length=64, seed=2,
+        )  # fmt: skip
+
+    # EpochShuffle deals the same global batch of 10 to 1 process, or as 5 + 5 to 2.
+    single = _token_mean_step(name, tiny_spec, 1, data(10), tmp_path / "one")
+    spawned = _token_mean_step(name, tiny_spec, 2, data(5), tmp_path / "two")
+    shards = [torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=False)["pairs"] for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == sorted(single["pairs"])
+
+    # Answer lengths fall unevenly across the ranks' shards, so per-rank token means would not do.
+    dm = data(10)
+    dm.setup("fit")
+    labels = {tuple(item["input_ids"]): item["labels"] for item in dm.dataset.forget}
+    answers = [sum(lab != -100 for f, _ in shard for lab in labels[f][1:]) for shard in shards]
+    positions = [sum(len(f) - 1 for f, _ in shard) for shard in shards]
+    assert answers[0] != answers[1] and positions[0] != positions[1]
+
+    for state in (single, spawned):
+        state["update"] = {k: state["state"][k] - state["before"][k] for k in state["before"]}
+    scale = max(u.abs().max() for u in single["update"].values())
+    assert scale > 1e-4  # the step moved the weights
+    for key, update in single["update"].items():
+        torch.testing.assert_close(spawned["update"][key], update, rtol=1e-5, atol=2e-5 * scale)

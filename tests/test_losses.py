@@ -126,3 +126,78 @@ def test_answer_preservation_by_hand():
     # beta (a - r) = 0 -> -(1/beta) ln(1/2); = ln 4 -> -(1/beta) ln(4/5).
     got = answer_preservation_loss(torch.tensor([0.0, LN(4) / 0.1]), torch.tensor([0.0, 0.0]), 0.1)
     assert got.item() == pytest.approx(-(LN(0.5) + LN(0.8)) / 0.1 / 2, rel=1e-6)
+
+
+# -- num_tokens: the DDP denominator (the mean token count per rank) --------------------------
+
+
+def _per_token_values():
+    """Random logits and labels with gaps, and for each token-mean loss: the loss as a function of
+    ``num_tokens`` and its per-position values worked out with plain log_softmax/softmax ops."""
+    from lightning_unlearn.losses import ce_u_loss, satimp_loss, undial_loss, wga_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits, teacher = 2 * torch.randn(3, 6, 7, generator=gen), 2 * torch.randn(3, 6, 7, generator=gen)
+    labels = torch.randint(0, 7, (3, 6), generator=gen)
+    labels[0, :3] = -100
+    labels[1, :5] = -100
+    labels[2, [0, 2, 5]] = -100
+    attention = torch.ones(3, 6, dtype=torch.long)
+    attention[1, 4:] = 0
+    answer = labels[:, 1:] != -100
+    log_p = torch.log_softmax(logits[:, :-1], -1)  # position t predicts label t + 1
+    target = labels[:, 1:].clamp_min(0)
+    onehot = torch.nn.functional.one_hot(target, 7).bool()
+    logp_t = (log_p * onehot).sum(-1)
+    p_t = logp_t.exp()
+    uniform_kl = (-math.log(7) - log_p).mean(-1)
+    log_t = torch.log_softmax(teacher[:, :-1], -1)
+    kl = (log_t.exp() * (log_t - log_p)).sum(-1)
+    undial_q = torch.softmax(teacher[:, :-1] - 3.0 * onehot, -1)
+    ce_u_q = torch.softmax(logits[:, :-1].masked_fill(onehot, -math.inf), -1)
+    return {
+        "nll": (lambda k: nll_loss(logits, labels, num_tokens=k), -logp_t, answer),
+        "max_entropy_answer": (
+            lambda k: max_entropy_loss(logits, labels, num_tokens=k),
+            uniform_kl,
+            answer,
+        ),
+        "max_entropy_sequence": (
+            lambda k: max_entropy_loss(logits, labels, attention, "sequence", num_tokens=k),
+            uniform_kl,
+            attention[:, 1:].bool(),
+        ),
+        "kl_divergence": (
+            lambda k: kl_divergence(logits[:, :-1], teacher[:, :-1], answer, num_tokens=k),
+            kl,
+            answer,
+        ),
+        "undial": (
+            lambda k: undial_loss(logits, teacher, labels, 3.0, num_tokens=k),
+            -(undial_q * log_p).sum(-1),
+            answer,
+        ),
+        "wga": (lambda k: wga_loss(logits, labels, 0.7, num_tokens=k), p_t**0.7 * logp_t, answer),
+        "satimp": (
+            lambda k: satimp_loss(logits, labels, 2.0, 1.5, num_tokens=k),
+            p_t**2.0 * (1 - p_t) ** 1.5 * logp_t,
+            answer,
+        ),
+        "ce_u": (lambda k: ce_u_loss(logits, labels, num_tokens=k), -(ce_u_q * log_p).sum(-1), answer),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["nll", "max_entropy_answer", "max_entropy_sequence", "kl_divergence", "undial", "wga", "satimp", "ce_u"],
+)
+def test_token_mean_losses_divide_their_token_sum_by_num_tokens(name):
+    loss, values, mask = _per_token_values()[name]
+    total = values[mask].sum()
+    count = int(mask.sum())
+    assert 0 < count < mask.numel()  # some positions are left out
+    # The default is the batch's own count (single-process behaviour, unchanged) ...
+    torch.testing.assert_close(loss(None), total / count)
+    # ... and num_tokens, a float or a tensor (under DDP: the mean count per rank), replaces it.
+    torch.testing.assert_close(loss(2.5), total / 2.5)
+    torch.testing.assert_close(loss(torch.tensor(17.0)), total / 17)

@@ -198,11 +198,12 @@ class UnlearningObjective(LightningModule):
         self.reference_cache = dict(checkpoint.get("reference_cache", {}))
 
     def reference_kl(self, sub_batch: dict[str, Tensor], logits: Tensor | None = None) -> Tensor:
-        """KL(reference || model) per scored position, averaged over the sub-batch's label tokens;
-        ``logits`` are the model's, when the caller already has them."""
+        """KL(reference || model) per scored position, averaged over the label tokens of the global
+        batch (see ``token_count``); ``logits`` are the model's, when the caller already has them."""
         logits = self(sub_batch) if logits is None else logits
-        mask = sub_batch["labels"][:, 1:] != -100
-        return kl_divergence(logits[:, :-1], self.reference_logits(sub_batch)[:, :-1], mask)
+        mask = sub_batch["labels"][:, 1:] != IGNORE_INDEX
+        reference = self.reference_logits(sub_batch)[:, :-1]
+        return kl_divergence(logits[:, :-1], reference, mask, num_tokens=self.token_count(mask))
 
     def sub_batch(self, batch: dict, name: str) -> dict[str, Tensor]:
         """``batch[name]``, or a clear error saying how to get it."""
@@ -211,16 +212,20 @@ class UnlearningObjective(LightningModule):
             raise UserError(f"{type(self).__name__} needs '{name}' sub-batches; {how}".rstrip("; "))
         return batch[name]
 
-    def nll(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """NLL averaged over the label tokens of the global batch. A per-rank token mean would make
-        DDP's gradient average depend on how answer lengths fall across ranks; dividing each rank's
-        sum by the mean token count per rank makes 2 processes train exactly like 1."""
+    def token_count(self, mask: Tensor) -> Tensor | None:
+        """The ``num_tokens`` of a token-mean loss over ``mask``: None in one process (the loss's
+        own count), else the mean count per rank. A per-rank token mean would make DDP's gradient
+        average depend on how answer lengths fall across ranks; dividing each rank's sum by the
+        mean count per rank makes 2 processes train exactly like 1. A collective: every rank must
+        call it, in the same order."""
         trainer = self._trainer
         if trainer is None or trainer.world_size == 1:
-            return nll_loss(logits, labels)
-        count = (labels[:, 1:] != IGNORE_INDEX).sum().float()
-        count = trainer.strategy.reduce(count, reduce_op="mean").clamp_min(1)
-        return nll_loss(logits, labels, num_tokens=count)
+            return None
+        return trainer.strategy.reduce(mask.sum().float(), reduce_op="mean").clamp_min(1)
+
+    def nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """NLL averaged over the label tokens of the global batch (see ``token_count``)."""
+        return nll_loss(logits, labels, num_tokens=self.token_count(labels[:, 1:] != IGNORE_INDEX))
 
     # -- losses: the two methods a subclass overrides ---------------------------------------
     def forget_loss(self, batch: dict) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.losses import ce_u_loss, drop_first_label_tokens
+from lightning_unlearn.losses import ce_u_loss, drop_first_label_tokens, label_mask
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 
@@ -42,4 +42,4 @@ class CEU(UnlearningObjective):
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
         labels = drop_first_label_tokens(forget["labels"], self.ignore_first_n_answer_tokens)
-        return ce_u_loss(self(forget), labels)
+        return ce_u_loss(self(forget), labels, num_tokens=self.token_count(label_mask(labels)))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.losses import max_entropy_loss
+from lightning_unlearn.losses import max_entropy_loss, max_entropy_positions
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 
@@ -29,4 +29,6 @@ class MaxEntropy(UnlearningObjective):
 
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
-        return max_entropy_loss(self(forget), forget["labels"], forget["attention_mask"], self.positions)
+        labels, attention = forget["labels"], forget["attention_mask"]
+        count = self.token_count(max_entropy_positions(labels, attention, self.positions))
+        return max_entropy_loss(self(forget), labels, attention, self.positions, num_tokens=count)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.losses import satimp_loss, wga_loss
+from lightning_unlearn.losses import label_mask, satimp_loss, wga_loss
 from lightning_unlearn.objectives.grad_ascent import GradDiff
 
 
@@ -37,7 +37,8 @@ class WGA(GradDiff):
 
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
-        return wga_loss(self(forget), forget["labels"], self.beta)
+        count = self.token_count(label_mask(forget["labels"]))
+        return wga_loss(self(forget), forget["labels"], self.beta, num_tokens=count)
 
 
 class SatImp(GradDiff):
@@ -60,4 +61,5 @@ class SatImp(GradDiff):
 
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
-        return satimp_loss(self(forget), forget["labels"], self.beta1, self.beta2)
+        count = self.token_count(label_mask(forget["labels"]))
+        return satimp_loss(self(forget), forget["labels"], self.beta1, self.beta2, num_tokens=count)

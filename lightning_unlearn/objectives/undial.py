@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.losses import undial_loss
+from lightning_unlearn.losses import label_mask, undial_loss
 from lightning_unlearn.objectives.grad_ascent import GradDiff
 
 
@@ -40,4 +40,6 @@ class UNDIAL(GradDiff):
 
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
-        return undial_loss(self(forget), self.reference_logits(forget), forget["labels"], self.beta)
+        logits, teacher = self(forget), self.reference_logits(forget)
+        count = self.token_count(label_mask(forget["labels"]))
+        return undial_loss(logits, teacher, forget["labels"], self.beta, num_tokens=count)
