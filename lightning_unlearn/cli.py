@@ -21,7 +21,8 @@ USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,evaluate} [--con
 """
 
 
-def protocol_main(argv: list[str]) -> None:
+def build_protocol(argv: list[str]):
+    """The ``Protocol`` a ``protocol`` command line describes, built but not run."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from lightning_unlearn.protocol import Protocol
@@ -33,7 +34,11 @@ def protocol_main(argv: list[str]) -> None:
     parser.add_class_arguments(Protocol, None, as_group=False)
     init = parser.instantiate(parser.parse_args(argv)).as_dict()
     init.pop("config", None)
-    Protocol(**init).run()
+    return Protocol(**init)
+
+
+def protocol_main(argv: list[str]) -> None:
+    build_protocol(argv).run()
 
 
 def evaluate_main(argv: list[str]) -> None:

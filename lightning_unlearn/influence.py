@@ -274,8 +274,10 @@ def _solve_exact(hvp: HVP, b: Tensor, damping: float, max_dim: int = 20000) -> t
 
 def _curvature_error(what: str, damping: float) -> NegativeCurvatureError:
     return NegativeCurvatureError(
-        f"{what} with damping={damping}: H + damping I is not positive definite (the loss is not "
-        "convex there); increase damping"
+        f"{what} with damping={damping}: H + damping I is not positive definite along a direction "
+        "(the loss is not convex there, or it is flat: a LoRA with r >= 2 fitted with an L2 "
+        "penalty equal to damping is flat along the rotations A -> R A, B -> B R^T, which leave "
+        "B A and the penalty unchanged); increase damping above the fit's weight decay"
     )
 
 

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning_unlearn.callbacks import ForgetRequest, SequentialForgetting, UnlearningEvaluation
 from lightning_unlearn.callbacks.sequential import request_metrics
 from lightning_unlearn.data.datamodule import FineTuneDataModule, UnlearningDataModule
+from lightning_unlearn.data.edits import InfluenceDataModule
 from lightning_unlearn.data.formatting import PromptFormat
 from lightning_unlearn.data.synthetic import WorldConfig, make_world
 from lightning_unlearn.data.tofu import load_split
@@ -26,8 +27,8 @@ from lightning_unlearn.errors import UserError
 from lightning_unlearn.evaluation import Evaluator
 from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality
-from lightning_unlearn.models import ModelSpec, load_adapter, load_model, load_spec_tokenizer
-from lightning_unlearn.objectives import FineTune, UnlearningObjective
+from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_model, load_spec_tokenizer
+from lightning_unlearn.objectives import FineTune, InfluenceStep, UnlearningObjective
 from lightning_unlearn.plots import continual_forgetting, forget_quality_vs_utility, truth_ratio_histograms
 from lightning_unlearn.report import Report, continual_table, metrics_table
 
@@ -97,11 +98,26 @@ class SequentialSettings:
 
 
 @dataclass
+class AdapterFit:
+    """An ``InfluenceStep`` stage's theta_hat: a LoRA fine-tune (``objective`` must have an
+    ``adapter``) of the target on every training record, forget and retain, kept unmerged so the
+    step can edit it. The step assumes theta_hat is a stationary point of the loss; more epochs
+    bring it closer."""
+
+    objective: FineTune = field(default_factory=lambda: FineTune(adapter=LoraSpec()))
+    max_epochs: int = 1
+    batch_size: int = 8
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Stage:
     """One training run: the objective (``class_path``/``init_args``; its ``model`` is filled in by
     the protocol), epochs, batch sizes and extra Trainer arguments. ``eval_every_n_epochs`` (an
     unlearning stage) evaluates during training too, for the forget-quality vs utility figure.
-    ``sequential`` makes it a schedule of deletion requests (``max_epochs`` is then ignored)."""
+    ``sequential`` makes it a schedule of deletion requests (``max_epochs`` is then ignored).
+    An ``InfluenceStep`` objective needs ``adapter_fit``: the LoRA it edits to remove the forget
+    split (one epoch: the solve is its whole training loop)."""
 
     objective: UnlearningObjective = field(default_factory=FineTune)
     max_epochs: int = 1
@@ -110,6 +126,16 @@ class Stage:
     trainer: dict[str, Any] = field(default_factory=dict)
     eval_every_n_epochs: int | None = None
     sequential: SequentialSettings | None = None
+    adapter_fit: AdapterFit | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.objective, InfluenceStep):
+            if self.adapter_fit is None:
+                raise UserError("an InfluenceStep stage needs adapter_fit: the LoRA fine-tune it edits")
+            if self.adapter_fit.objective.adapter_spec is None:
+                raise UserError("adapter_fit.objective needs an adapter (LoRA): InfluenceStep edits one")
+            if self.sequential is not None:
+                raise UserError("an InfluenceStep stage cannot be sequential")
 
 
 @dataclass
@@ -233,7 +259,43 @@ class Protocol:
         )
         return self._train(stage_name, self.finetune, self.base, dm)
 
+    def _influence(self, stage_name: str, stage: Stage, target: Path) -> Path:
+        """Fit ``adapter_fit``'s LoRA on the target over forget + retain, then remove the forget
+        split from it with the influence step; the row is the target with the edited LoRA merged."""
+        fit = stage.adapter_fit
+        spec = ModelSpec(path=str(target), dtype=self.base.dtype)
+        print(f"[{self.name}] {stage_name}: fitting the adapter the influence step edits", flush=True)
+        L.seed_everything(self.seed, verbose=False)
+        tuner = copy.deepcopy(fit.objective)
+        tuner.model_spec = spec
+        dm = FineTuneDataModule(
+            tokenizer=str(target),
+            source=str(self.splits_dir),
+            split="full",
+            prompt_format=self.data.prompt_format,
+            max_length=self.data.max_length,
+            batch_size=fit.batch_size,
+        )
+        fit_stage = Stage(objective=tuner, max_epochs=fit.max_epochs, trainer=fit.trainer)
+        self._trainer(f"{stage_name}_adapter", fit_stage).fit(tuner, datamodule=dm)
+        adapter_dir = tuner.export(self.run_dir / "models" / f"{stage_name}_adapter", merge=False)
+        step = copy.deepcopy(stage.objective)
+        step.adapter_dir = str(adapter_dir)
+        edits = InfluenceDataModule(
+            tokenizer=str(target),
+            source=str(self.splits_dir),
+            train_split="full",
+            edit="instance_removal",
+            removed_split="forget",
+            prompt_format=self.data.prompt_format,
+            max_length=self.data.max_length,
+            batch_size=stage.batch_size,
+        )
+        return self._train(stage_name, dataclasses.replace(stage, objective=step, max_epochs=1), spec, edits)
+
     def _unlearn(self, stage_name: str, stage: Stage, target: Path) -> Path:
+        if isinstance(stage.objective, InfluenceStep):
+            return self._influence(stage_name, stage, target)
         dm = UnlearningDataModule(
             tokenizer=str(target),
             source=str(self.splits_dir),

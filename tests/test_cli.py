@@ -103,6 +103,23 @@ def test_every_tofu_config_builds_its_objective(config):
     assert bool(cli.datamodule.refusals) == cli.model.needs_refusals
 
 
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_protocol_config_builds(config):
+    """Each shipped protocol config parses and builds every stage's objective (nothing runs)."""
+    from lightning_unlearn.cli import build_protocol
+
+    protocol = build_protocol(["--config", str(config)])
+    spec = yaml.safe_load(config.read_text())
+    assert list(protocol.objectives) == list(spec["objectives"])
+    for name, stage in protocol.objectives.items():
+        assert (
+            type(stage.objective).__name__
+            == spec["objectives"][name]["objective"]["class_path"].split(".")[-1]
+        )
+
+
 def test_print_config_resolves_objective_and_data(tmp_path, world_dir):
     result = run_cli("fit", "--config", str(fit_config(tmp_path, world_dir)), "--print_config")
     assert result.returncode == 0, result.stderr

@@ -9,9 +9,16 @@ from conftest import TINY_LLAMA
 
 from lightning_unlearn.data.synthetic import WorldConfig
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.models import LoraSpec, ModelSpec
-from lightning_unlearn.objectives import NPO, FineTune, GradAscent, GradDiff, IdkAP
-from lightning_unlearn.protocol import DataSettings, EvalSettings, Protocol, SequentialSettings, Stage
+from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_model
+from lightning_unlearn.objectives import NPO, FineTune, GradAscent, GradDiff, IdkAP, InfluenceStep
+from lightning_unlearn.protocol import (
+    AdapterFit,
+    DataSettings,
+    EvalSettings,
+    Protocol,
+    SequentialSettings,
+    Stage,
+)
 
 
 def _adamw(lr: float):
@@ -39,6 +46,19 @@ def _protocol(tmp_path, **overrides) -> Protocol:
                 batch_size=4,
                 sequential=SequentialSettings(requests=2, epochs_per_request=2),
             ),
+            # A rank-1 LoRA fitted on forget + retain, then the forget split removed by one solve.
+            "infl": Stage(
+                objective=InfluenceStep(damping=0.05, max_iter=30),
+                batch_size=32,
+                adapter_fit=AdapterFit(
+                    objective=FineTune(
+                        adapter=LoraSpec(r=1, alpha=2, target_modules=["q_proj", "v_proj"]),
+                        optimizer=_adamw(1e-2),
+                    ),
+                    max_epochs=3,
+                    batch_size=16,
+                ),
+            ),
         },
         "data": DataSettings(
             world=WorldConfig(
@@ -64,7 +84,7 @@ def test_protocol_writes_one_report_entry_per_model(tmp_path):
     reports = _protocol(tmp_path).run()
     run = tmp_path / "runs" / "mini"
     saved = json.loads((run / "report.json").read_text())
-    assert list(saved) == ["finetuned", "retain", "ga", "gd", "npo", "idk_ap", "seq"]
+    assert list(saved) == ["finetuned", "retain", "ga", "gd", "npo", "idk_ap", "seq", "infl"]
     for name, entry in saved.items():
         assert entry["metrics"] == pytest.approx(reports[name].metrics)
         assert (run / "models" / name / "config.json").is_file()
@@ -114,6 +134,37 @@ def test_protocol_writes_one_report_entry_per_model(tmp_path):
     assert "| before (0) |" in table and "| after request1 (2) |" in table
     assert table.count("| - |") == 1  # request1 has no forget quality after request0 only
     assert (run / "continual.png").stat().st_size > 0
+    # The influence stage: its row is the target with the edited LoRA merged. Measured here on our
+    # own: the edit raises the loss of the forget records over the fitted adapter's, by several times
+    # more than it moves the retain records' (8x here).
+    summary = json.loads((run / "models" / "infl" / "summary.json").read_text())
+    assert summary["edit"] == "instance_removal" and summary["relative_residual"] < 1.0
+    before = _split_losses(run, load_adapter(load_model(ModelSpec(path=str(run / "models" / "finetuned"))),
+                                             str(run / "models" / "infl_adapter")))  # fmt: skip
+    after = _split_losses(run, load_model(ModelSpec(path=str(run / "models" / "infl"))))
+    assert after["forget"] - before["forget"] > 2e-3  # 5e-3 here; a wrong sign or a no-op fails
+    assert after["forget"] - before["forget"] > 3 * abs(after["retain"] - before["retain"])
+
+
+def _split_losses(run, model) -> dict[str, float]:
+    """Mean per-record answer NLL of the protocol's forget and retain splits under ``model``."""
+    import torch
+
+    from lightning_unlearn.data.collate import pad_batch
+    from lightning_unlearn.data.datamodule import encode_records
+    from lightning_unlearn.data.formatting import PLAIN
+    from lightning_unlearn.data.tokenizer import load_tokenizer
+    from lightning_unlearn.influence import per_example_loss
+
+    tokenizer = load_tokenizer(str(run / "models" / "finetuned"))
+    model.eval()
+    losses = {}
+    for split in ("forget", "retain"):
+        records = [json.loads(line) for line in (run / "splits" / f"{split}.json").read_text().splitlines()]
+        with torch.no_grad():
+            batch = pad_batch(encode_records(records, tokenizer, PLAIN, 64), tokenizer.pad_token_id)
+            losses[split] = per_example_loss(model, batch).mean().item()
+    return losses
 
 
 def test_protocol_bad_data_leaves_no_complete_looking_output(tmp_path):
