@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned here (not in pyproject) so pip never resolves a multi-GB CUDA build on CPU machines.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo continual test lint format clean
+.PHONY: install demo continual test test-distributed lint format clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,13 @@ demo: install
 continual: install
 	WANDB_MODE=offline $(VENV)/bin/lightning-unlearn protocol --config configs/continual.yaml
 
+# The suite, then the 2-process subprocess tests (ddp and FSDP2 on CPU with gloo) on their own.
 test: install
-	WANDB_MODE=disabled $(PY) -m pytest -q tests
+	WANDB_MODE=disabled $(PY) -m pytest -q tests --ignore=tests/distributed
+	$(MAKE) test-distributed
+
+test-distributed: install
+	WANDB_MODE=disabled $(PY) -m pytest -q tests/distributed
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

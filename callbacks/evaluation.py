@@ -151,5 +151,4 @@ class UnlearningEvaluation(Callback):
         )
         if better:
             self.best = entry
-            if trainer.is_global_zero:
-                pl_module.export(self.best_dirpath, merge=False)
+            pl_module.export(self.best_dirpath, merge=False)  # every rank gathers, rank 0 writes

@@ -6,7 +6,8 @@ from lightning import Callback, LightningModule, Trainer
 
 
 class ExportModel(Callback):
-    """Write ``pl_module.export(dirpath, merge)`` on rank 0 at the end of fit, with the tokenizer.
+    """Write ``pl_module.export(dirpath, merge)`` at the end of fit, with the tokenizer: every rank
+    takes part (a sharded model is gathered), global rank 0 writes.
 
     Args:
         dirpath: output directory, replaced atomically.
@@ -19,6 +20,4 @@ class ExportModel(Callback):
         self.dirpath, self.merge, self.tokenizer = dirpath, merge, tokenizer
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
         pl_module.export(self.dirpath, merge=self.merge, tokenizer=self.tokenizer)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -47,6 +48,7 @@ from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality, forget_truth_ratio
 from lightning_unlearn.report import Report
+from lightning_unlearn.sharding import full_state_dict, set_full_
 
 MODES = ("independent", "stacked")
 
@@ -96,6 +98,20 @@ def request_metrics(
         if rouge is not None:
             out[f"forget_Q_A_ROUGE/{name}"] = sum(rouge[i] for i in rows) / len(rows)
     return out
+
+
+def reset_lora_(model: torch.nn.Module) -> None:
+    """A fresh adapter slot, drawn as peft draws it (A ~ kaiming uniform with a = sqrt(5), B = 0)
+    but on full tensors from the global RNG, so every rank of a sharded model draws the same
+    matrix and keeps its own shard of it."""
+    for module in model.modules():
+        if hasattr(module, "reset_lora_parameters") and hasattr(module, "lora_A"):
+            for name in module.lora_A:
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+                full_a = torch.empty(a.shape, dtype=a.dtype)
+                torch.nn.init.kaiming_uniform_(full_a, a=math.sqrt(5))
+                set_full_(a, full_a)
+                set_full_(b, torch.zeros(b.shape, dtype=b.dtype))
 
 
 class SequentialForgetting(Callback):
@@ -203,11 +219,7 @@ class SequentialForgetting(Callback):
         datamodule.epoch_offset = first_epoch
         torch.manual_seed(self.seed * 1_000_003 + k)
         if self.mode == "independent":
-            with torch.no_grad():
-                for module in pl_module.model.modules():
-                    if hasattr(module, "reset_lora_parameters") and hasattr(module, "lora_A"):
-                        for name in module.lora_A:
-                            module.reset_lora_parameters(name, True)
+            reset_lora_(pl_module.model)
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
         if getattr(pl_module, "reference_policy", None) == "cached" and pl_module.reference_cache:
@@ -230,12 +242,13 @@ class SequentialForgetting(Callback):
             seconds[name] = clock[-1] - clock[-2]
 
         grams = self._grams(trainer, pl_module)
+        adapter = full_state_dict(pl_module.model, keep=lambda name: "lora_" in name)  # every rank
         lap("grams")
         metrics = {n: float(v) for n, v in trainer.callback_metrics.items() if n.startswith("train/")}
         request_dir = self.dirpath / "requests" / str(k)
         if trainer.is_global_zero:
             with atomic_directory(request_dir) as tmp:
-                pl_module.model.save_pretrained(tmp)
+                pl_module.model.save_pretrained(tmp, state_dict=adapter)
                 save_file({n: g.contiguous() for n, g in grams.items()}, str(tmp / "grams.safetensors"))
                 request = {**asdict(self.requests[k]), "index": k, "sha256": records_hash(self.records[k])}
                 write_text_atomic(tmp / "request.json", json.dumps(request, indent=1) + "\n")
@@ -340,10 +353,13 @@ class SequentialForgetting(Callback):
         return factors
 
     def _load_slot(self, pl_module: LightningModule, directory: Path) -> None:
-        """Stacked resume: the adapter slot takes the last completed request's weights."""
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(pl_module.model, load_file(str(directory / "adapter_model.safetensors")))
+        """Stacked resume: the adapter slot takes the last completed request's weights (peft's file
+        names drop the adapter name that the live parameters carry)."""
+        saved = load_file(str(directory / "adapter_model.safetensors"))
+        for name, param in pl_module.model.named_parameters():
+            key = name.replace(".default.", ".")
+            if key in saved:
+                set_full_(param, saved[key])
 
     def _write_ledger(self, extra: dict | None = None) -> None:
         if not self.writer:

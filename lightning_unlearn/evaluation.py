@@ -50,6 +50,7 @@ from lightning_unlearn.metrics.tofu import (
     truth_ratio_score,
 )
 from lightning_unlearn.report import Report
+from lightning_unlearn.sharding import is_sharded
 
 ROLES = {
     "forget": "forget",
@@ -106,10 +107,12 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     body runs once over the padded batch; the output projection runs on the gathered answer
     positions only. Returns ``(logits [B, L+1, V], labels [B, L+1])`` in the usual shifted
     convention (label 0 is -100), so every per-sequence function of ``losses.py`` and
-    ``metrics/`` applies unchanged. Models without a separable body and head use the full logits.
+    ``metrics/`` applies unchanged. Models without a separable body and head use the full logits,
+    and so do FSDP2-sharded ones: their embeddings, final norm and head are gathered only by a
+    forward of the whole model.
     """
     labels = batch["labels"]
-    decoder, head = _decoder_and_head(model)
+    decoder, head = (None, None) if is_sharded(model) else _decoder_and_head(model)
     if decoder is None or head is None:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

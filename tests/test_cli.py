@@ -198,3 +198,27 @@ def test_wandb_logger_config_runs_offline(tmp_path, world_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).parents[1] / "configs" / "trainer").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_every_trainer_config_names_real_arguments(config):
+    """GPU configs cannot build a Trainer here, so check what can be wrong offline: every key is a
+    Trainer argument and a strategy's class imports and accepts its init_args."""
+    import importlib
+    import inspect
+
+    import lightning as L
+
+    trainer = yaml.safe_load(config.read_text())["trainer"]
+    inspect.signature(L.Trainer).bind(**{k: v for k, v in trainer.items() if k != "strategy"})
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, dict):
+        module, _, name = strategy["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        inspect.signature(cls).bind(**strategy.get("init_args", {}))
+    if isinstance(strategy, dict) and strategy["class_path"].endswith("ModelParallelStrategy"):
+        args = strategy["init_args"]
+        processes = trainer.get("devices", 1) * trainer.get("num_nodes", 1)
+        assert args["data_parallel_size"] * args["tensor_parallel_size"] == processes

@@ -29,6 +29,7 @@ from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory
 from lightning_unlearn.losses import IGNORE_INDEX, kl_divergence, nll_loss, sequence_logprob
 from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model, load_spec_tokenizer
+from lightning_unlearn.sharding import full_state_dict, fully_shard_model, is_sharded
 
 REFERENCE_POLICIES = ("adapter_off", "cached", "copy")
 
@@ -112,6 +113,11 @@ class UnlearningObjective(LightningModule):
         if self.adapter_spec is not None:
             model = attach_lora(model, self.adapter_spec)
         self.model = model
+        mesh = self._device_mesh  # set by ModelParallelStrategy: shard with FSDP2
+        if mesh is not None:
+            fully_shard_model(self.model, mesh)
+            if self.reference_model is not None:
+                fully_shard_model(self.reference_model, mesh)
 
     def forward(self, sub_batch: dict[str, Tensor]) -> Tensor:
         return self.model(input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"]).logits
@@ -296,10 +302,27 @@ class UnlearningObjective(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- export -------------------------------------------------------------------------------
+    def unsharded_model(self) -> torch.nn.Module:
+        """A plain copy of the FSDP2-sharded model: the trained tensors gathered from every rank
+        (a collective: call it on all of them) into a fresh model from ``model_spec``. With an
+        adapter only the LoRA tensors travel; the frozen base is the spec's own."""
+        keep = (lambda name: "lora_" in name) if self.adapter_spec is not None else None
+        state = full_state_dict(self.model, keep)
+        model = load_model(self.model_spec)
+        if self.adapter_spec is not None:
+            model = attach_lora(model, self.adapter_spec)
+        missing, unexpected = model.load_state_dict(state, strict=keep is None)
+        if unexpected or (keep is not None and any("lora_" in name for name in missing)):
+            raise RuntimeError(f"gathered state does not fit the model: {unexpected or missing}")
+        return model
+
     def export(self, directory: str | Path, merge: bool = True, tokenizer: str | None = None) -> Path:
         """Save the unlearned model and its tokenizer in one atomic step: merged full weights, or the
-        peft adapter alone. ``tokenizer`` defaults to the model's own."""
-        model = self.model
+        peft adapter alone. ``tokenizer`` defaults to the model's own. Every rank must call it
+        (a sharded model is gathered first); only global rank 0 writes."""
+        model = self.unsharded_model() if is_sharded(self.model) else self.model
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return Path(directory)
         if self.adapter_spec is not None and merge:
             model = copy.deepcopy(model).merge_and_unload()
         tok = load_tokenizer(tokenizer) if tokenizer else load_spec_tokenizer(self.model_spec)

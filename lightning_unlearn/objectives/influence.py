@@ -123,6 +123,12 @@ class InfluenceStep(UnlearningObjective):
             raise UserError("InfluenceStep: no model given (the base model the adapter was fine-tuned on)")
         if self.adapter_dir is None:
             raise UserError("InfluenceStep: no adapter_dir given (the fine-tuned LoRA adapter to edit)")
+        if self._device_mesh is not None:
+            raise UserError(
+                "InfluenceStep does not run under ModelParallelStrategy (FSDP2) yet: its HVPs are double "
+                "backward passes, which FSDP2's re-gathering hooks do not cover. Use strategy 'ddp': the "
+                "adapter is small and each rank holds the frozen base (bf16 halves it)"
+            )
         base = load_model(self.model_spec)
         try:
             self.model = load_adapter(base, self.adapter_dir, trainable=True)
@@ -205,6 +211,8 @@ class InfluenceStep(UnlearningObjective):
         weights, or the edited peft adapter alone (load it on the base with ``load_adapter``)."""
         if self.model is None or self.summary is None:
             raise UserError("InfluenceStep: nothing to export before fit has run the influence step")
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return Path(directory)  # the edited adapter is the same on every rank
         model = copy.deepcopy(self.model).merge_and_unload() if merge else self.model
         tok = load_tokenizer(tokenizer) if tokenizer else load_spec_tokenizer(self.model_spec)
         with atomic_directory(directory) as tmp:
