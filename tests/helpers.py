@@ -72,3 +72,18 @@ def fit_lbfgs(model, params: list[torch.Tensor], batches: list[dict], n_train: i
 
     optimizer.step(closure)
     return flatten(torch.autograd.grad(objective(), params)).norm().item()
+
+
+def forget10_data(world_dir, tokenizer_dir: str, batch_size: int) -> dict:
+    """The ``data:`` block of a subprocess fit config: the test world's forget10 / retain90."""
+    return {
+        "class_path": "lightning_unlearn.data.datamodule.UnlearningDataModule",
+        "init_args": {
+            "tokenizer": tokenizer_dir,
+            "source": str(world_dir),
+            "forget_split": "forget10",
+            "retain_split": "retain90",
+            "batch_size": batch_size,
+            "max_length": 64,
+        },
+    }

@@ -302,17 +302,19 @@ class UnlearningObjective(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- export -------------------------------------------------------------------------------
-    def unsharded_model(self) -> torch.nn.Module:
-        """A plain copy of the FSDP2-sharded model: the trained tensors gathered from every rank
-        (a collective: call it on all of them) into a fresh model from ``model_spec``. With an
-        adapter only the LoRA tensors travel; the frozen base is the spec's own."""
+    def gathered_state(self) -> dict[str, Tensor]:
+        """The trained tensors of the FSDP2-sharded model as full CPU tensors (a collective: every
+        rank calls it). With an adapter only the LoRA tensors travel; the base is the spec's own."""
         keep = (lambda name: "lora_" in name) if self.adapter_spec is not None else None
-        state = full_state_dict(self.model, keep)
+        return full_state_dict(self.model, keep)
+
+    def model_from_state(self, state: dict[str, Tensor]) -> torch.nn.Module:
+        """A plain (unsharded) model: ``model_spec``'s, with its adapter, holding ``state``."""
         model = load_model(self.model_spec)
         if self.adapter_spec is not None:
             model = attach_lora(model, self.adapter_spec)
-        missing, unexpected = model.load_state_dict(state, strict=keep is None)
-        if unexpected or (keep is not None and any("lora_" in name for name in missing)):
+        missing, unexpected = model.load_state_dict(state, strict=self.adapter_spec is None)
+        if unexpected or any("lora_" in name for name in missing):
             raise RuntimeError(f"gathered state does not fit the model: {unexpected or missing}")
         return model
 
@@ -320,9 +322,10 @@ class UnlearningObjective(LightningModule):
         """Save the unlearned model and its tokenizer in one atomic step: merged full weights, or the
         peft adapter alone. ``tokenizer`` defaults to the model's own. Every rank must call it
         (a sharded model is gathered first); only global rank 0 writes."""
-        model = self.unsharded_model() if is_sharded(self.model) else self.model
+        state = self.gathered_state() if is_sharded(self.model) else None
         if self._trainer is not None and not self.trainer.is_global_zero:
             return Path(directory)
+        model = self.model if state is None else self.model_from_state(state)
         if self.adapter_spec is not None and merge:
             model = copy.deepcopy(model).merge_and_unload()
         tok = load_tokenizer(tokenizer) if tokenizer else load_spec_tokenizer(self.model_spec)

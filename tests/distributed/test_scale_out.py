@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_LLAMA
+from helpers import forget10_data
 from safetensors.torch import load_file
 
 from lightning_unlearn.adapters import load_factors
@@ -82,17 +83,7 @@ def _config(tmp_path: Path, world_dir: Path, tokenizer_dir: str, name: str, obje
                 **objective.get("init_args", {}),
             },
         },
-        "data": {
-            "class_path": "lightning_unlearn.data.datamodule.UnlearningDataModule",
-            "init_args": {
-                "tokenizer": tokenizer_dir,
-                "source": str(world_dir),
-                "forget_split": "forget10",
-                "retain_split": "retain90",
-                "batch_size": 4 // processes,
-                "max_length": 64,
-            },
-        },
+        "data": forget10_data(world_dir, tokenizer_dir, 4 // processes),
     }
     assert forget >= 4
     path = tmp_path / f"{name}.yaml"
