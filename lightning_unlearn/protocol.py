@@ -236,17 +236,24 @@ class Protocol:
         )
 
     def _train(
-        self, stage_name: str, stage: Stage, model: ModelSpec, datamodule, callbacks: list | None = None
+        self,
+        stage_name: str,
+        stage: Stage,
+        model: ModelSpec,
+        datamodule,
+        callbacks: list | None = None,
+        merge: bool = True,
     ) -> Path:
-        """Fit the stage and export its model, except a sequential stage's: its model is the fused
-        adapter merged into the target (``_export_fused``), not the live adapter slot."""
+        """Fit the stage and export its model (an adapter merged in, or kept apart with ``merge``
+        False), except a sequential stage's: its model is the fused adapter merged into the target
+        (``_export_fused``), not the live adapter slot."""
         print(f"[{self.name}] {stage_name}: training {type(stage.objective).__name__}", flush=True)
         L.seed_everything(self.seed, verbose=False)
         objective = copy.deepcopy(stage.objective)  # a stage may run twice (target and retain)
         objective.model_spec = model
         self._trainer(stage_name, stage, callbacks).fit(objective, datamodule=datamodule)
         directory = self.run_dir / "models" / stage_name
-        return directory if stage.sequential else objective.export(directory)
+        return directory if stage.sequential else objective.export(directory, merge=merge)
 
     def _finetune(self, stage_name: str, split: str) -> Path:
         dm = FineTuneDataModule(
@@ -264,10 +271,6 @@ class Protocol:
         split from it with the influence step; the row is the target with the edited LoRA merged."""
         fit = stage.adapter_fit
         spec = ModelSpec(path=str(target), dtype=self.base.dtype)
-        print(f"[{self.name}] {stage_name}: fitting the adapter the influence step edits", flush=True)
-        L.seed_everything(self.seed, verbose=False)
-        tuner = copy.deepcopy(fit.objective)
-        tuner.model_spec = spec
         dm = FineTuneDataModule(
             tokenizer=str(target),
             source=str(self.splits_dir),
@@ -276,9 +279,8 @@ class Protocol:
             max_length=self.data.max_length,
             batch_size=fit.batch_size,
         )
-        fit_stage = Stage(objective=tuner, max_epochs=fit.max_epochs, trainer=fit.trainer)
-        self._trainer(f"{stage_name}_adapter", fit_stage).fit(tuner, datamodule=dm)
-        adapter_dir = tuner.export(self.run_dir / "models" / f"{stage_name}_adapter", merge=False)
+        fit_stage = Stage(objective=fit.objective, max_epochs=fit.max_epochs, trainer=fit.trainer)
+        adapter_dir = self._train(f"{stage_name}_adapter", fit_stage, spec, dm, merge=False)
         step = copy.deepcopy(stage.objective)
         step.adapter_dir = str(adapter_dir)
         edits = InfluenceDataModule(

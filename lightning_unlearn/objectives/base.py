@@ -27,7 +27,7 @@ from transformers import SchedulerType, get_scheduler
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory
-from lightning_unlearn.losses import IGNORE_INDEX, kl_divergence, nll_loss, sequence_logprob
+from lightning_unlearn.losses import kl_divergence, label_mask, nll_loss, sequence_logprob
 from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model, load_spec_tokenizer
 from lightning_unlearn.sharding import full_state_dict, fully_shard_model, is_sharded
 
@@ -207,7 +207,7 @@ class UnlearningObjective(LightningModule):
         """KL(reference || model) per scored position, averaged over the label tokens of the global
         batch (see ``token_count``); ``logits`` are the model's, when the caller already has them."""
         logits = self(sub_batch) if logits is None else logits
-        mask = sub_batch["labels"][:, 1:] != IGNORE_INDEX
+        mask = label_mask(sub_batch["labels"])
         reference = self.reference_logits(sub_batch)[:, :-1]
         return kl_divergence(logits[:, :-1], reference, mask, num_tokens=self.token_count(mask))
 
@@ -231,7 +231,7 @@ class UnlearningObjective(LightningModule):
 
     def nll(self, logits: Tensor, labels: Tensor) -> Tensor:
         """NLL averaged over the label tokens of the global batch (see ``token_count``)."""
-        return nll_loss(logits, labels, num_tokens=self.token_count(labels[:, 1:] != IGNORE_INDEX))
+        return nll_loss(logits, labels, num_tokens=self.token_count(label_mask(labels)))
 
     # -- losses: the two methods a subclass overrides ---------------------------------------
     def forget_loss(self, batch: dict) -> Tensor:
@@ -326,10 +326,16 @@ class UnlearningObjective(LightningModule):
         if self._trainer is not None and not self.trainer.is_global_zero:
             return Path(directory)
         model = self.model if state is None else self.model_from_state(state)
-        if self.adapter_spec is not None and merge:
+        if merge and hasattr(model, "merge_and_unload"):  # a peft model: fold the adapter in
             model = copy.deepcopy(model).merge_and_unload()
         tok = load_tokenizer(tokenizer) if tokenizer else load_spec_tokenizer(self.model_spec)
         with atomic_directory(directory) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            for name, text in self.export_files().items():
+                (tmp / name).write_text(text)
         return Path(directory)
+
+    def export_files(self) -> dict[str, str]:
+        """Extra text files ``export`` writes beside the model (name -> content); none here."""
+        return {}

@@ -15,7 +15,6 @@ noise. Its precision is the adapter's dtype, at least float32.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -26,7 +25,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 
-from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.influence import (
     EDIT_KINDS,
@@ -37,8 +35,7 @@ from lightning_unlearn.influence import (
     influence_delta,
     solve,
 )
-from lightning_unlearn.io import atomic_directory
-from lightning_unlearn.models import ModelSpec, load_adapter, load_model, load_spec_tokenizer
+from lightning_unlearn.models import ModelSpec, load_adapter, load_model
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 # Options the step supplies itself, so a config may not set them.
@@ -211,12 +208,7 @@ class InfluenceStep(UnlearningObjective):
         weights, or the edited peft adapter alone (load it on the base with ``load_adapter``)."""
         if self.model is None or self.summary is None:
             raise UserError("InfluenceStep: nothing to export before fit has run the influence step")
-        if self._trainer is not None and not self.trainer.is_global_zero:
-            return Path(directory)  # the edited adapter is the same on every rank
-        model = copy.deepcopy(self.model).merge_and_unload() if merge else self.model
-        tok = load_tokenizer(tokenizer) if tokenizer else load_spec_tokenizer(self.model_spec)
-        with atomic_directory(directory) as tmp:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
-        return Path(directory)
+        return super().export(directory, merge, tokenizer)
+
+    def export_files(self) -> dict[str, str]:
+        return {"summary.json": json.dumps(self.summary, indent=2) + "\n"}
