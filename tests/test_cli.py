@@ -222,3 +222,8 @@ def test_every_trainer_config_names_real_arguments(config):
         args = strategy["init_args"]
         processes = trainer.get("devices", 1) * trainer.get("num_nodes", 1)
         assert args["data_parallel_size"] * args["tensor_parallel_size"] == processes
+    # Objective settings a trainer config adds (activation checkpointing) are UnlearningObjective's.
+    from lightning_unlearn.objectives.base import UnlearningObjective
+
+    model_args = yaml.safe_load(config.read_text()).get("model", {}).get("init_args", {})
+    inspect.signature(UnlearningObjective).bind(**model_args)

@@ -197,3 +197,26 @@ def test_simnpo_loss_from_hf_per_sequence_nll(tiny_spec, unlearning_data):
     before = hf_nll(sim.model, forget).item()
     sgd_step(sim, batch, lr=2.0)
     assert hf_nll(sim.model, forget).item() > before + 1e-3
+
+
+def test_activation_checkpointing_recomputes_layers_and_keeps_the_gradients(tiny_spec, unlearning_data):
+    """With checkpointing every decoder layer's body runs twice per step (forward, again in backward)
+    and the LoRA gradients equal the plain step's: recomputation changes memory, not numbers."""
+    batch = first_batch(unlearning_data)
+    grads, calls = {}, {}
+    for checkpointing in (False, True):
+        gd = build(
+            GradDiff, tiny_spec, adapter=LoraSpec(r=4, alpha=8), activation_checkpointing=checkpointing
+        )
+        gd.model.train()
+        count, mlp = [], gd.model.get_base_model().model.layers[0].mlp
+        mlp.forward = lambda *a, _f=mlp.forward, _n=count, **kw: _n.append(1) or _f(*a, **kw)
+        gd.training_step(batch, 0).backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in gd.named_parameters() if p.requires_grad}
+        calls[checkpointing] = len(count)
+    # forget and retain sub-batches: one forward each, plus one recomputation each when checkpointing
+    assert calls == {False: 2, True: 4}
+    assert grads[True].keys() == grads[False].keys() and grads[False]
+    for name, grad in grads[False].items():
+        assert "lora_A" in name or grad.abs().max() > 0  # A's gradient is 0 while B is at its init 0
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-6, atol=1e-8)

@@ -54,6 +54,9 @@ class UnlearningObjective(LightningModule):
         optimizer: optimiser factory (LightningCLI ``class_path``/``init_args``).
         lr_schedule: a transformers scheduler name (``constant``, ``linear``, ``cosine``...).
         warmup_ratio: fraction of the total steps spent warming up.
+        activation_checkpointing: keep only each decoder layer's input from the forward pass and
+            recompute the rest during backward (transformers' non-reentrant checkpointing): the
+            activations of a long sequence stop scaling with depth, for about one extra forward.
     """
 
     uses_reference = False
@@ -72,6 +75,7 @@ class UnlearningObjective(LightningModule):
         optimizer: OptimizerCallable = adamw,
         lr_schedule: str = "constant",
         warmup_ratio: float = 0.0,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if reference is not None and reference not in REFERENCE_POLICIES:
@@ -97,6 +101,7 @@ class UnlearningObjective(LightningModule):
         default = "cached" if self.cacheable else "adapter_off" if adapter is not None else "copy"
         self.reference_policy = reference or default
         self.optimizer_factory, self.lr_schedule, self.warmup_ratio = optimizer, lr_schedule, warmup_ratio
+        self.activation_checkpointing = activation_checkpointing
         self.model: torch.nn.Module | None = None
         self.reference_model: torch.nn.Module | None = None
         self.reference_cache: dict[str, Tensor] = {}
@@ -108,6 +113,9 @@ class UnlearningObjective(LightningModule):
         if self.model_spec is None:
             raise UserError(f"{type(self).__name__}: no model given (set model.path or model.config)")
         model = load_model(self.model_spec)
+        if self.activation_checkpointing:
+            # Non-reentrant: works with frozen inputs (LoRA), FSDP2's hooks and double backward.
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if self.uses_reference and self.reference_policy == "copy":
             self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
         if self.adapter_spec is not None:

@@ -121,10 +121,13 @@ class InfluenceStep(UnlearningObjective):
         if self.adapter_dir is None:
             raise UserError("InfluenceStep: no adapter_dir given (the fine-tuned LoRA adapter to edit)")
         if self._device_mesh is not None:
-            raise UserError(
-                "InfluenceStep does not run under ModelParallelStrategy (FSDP2) yet: its HVPs are double "
-                "backward passes, which FSDP2's re-gathering hooks do not cover. Use strategy 'ddp': the "
-                "adapter is small and each rank holds the frozen base (bf16 halves it)"
+            # Not sharded: the HVPs are double backward passes, and FSDP2 frees a layer's gathered
+            # weights after its backward, which the second pass needs again. Each rank keeps the
+            # whole frozen base (as under ddp) and the HVPs are summed by hand, so the step is
+            # still exact; only the memory saving is lost.
+            rank_zero_warn(
+                "InfluenceStep under ModelParallelStrategy keeps a full copy of the model on every rank "
+                "(its double-backward HVPs do not go through FSDP2's sharding); use bf16 to halve it"
             )
         base = load_model(self.model_spec)
         try:

@@ -110,9 +110,10 @@ def _adapter(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "adapter_model.safetensors"))
 
 
+# GD with activation checkpointing: recomputation inside FSDP2's gathered layers changes nothing.
 GD_LORA = {
     "class_path": "lightning_unlearn.objectives.GradDiff",
-    "init_args": {"adapter": {"r": 4, "alpha": 8}},
+    "init_args": {"adapter": {"r": 4, "alpha": 8}, "activation_checkpointing": True},
 }
 # NPO with the reference read from the live model with the adapter disabled, on a sharded model.
 NPO_LORA = {
@@ -209,10 +210,10 @@ def test_sequential_fusion_and_evaluation_two_processes_equal_one(
         assert {n: b["metrics"][n] for n in evals} == pytest.approx(evals, rel=1e-5, abs=1e-6)
 
 
-def test_influence_step_under_ddp_equals_one_process(tmp_path, world_dir, tokenizer_dir):
+def test_influence_step_under_ddp_and_fsdp2_equals_one_process(tmp_path, world_dir, tokenizer_dir):
     """The influence step's edited adapter from 2 ddp processes (each a shard of the training and
-    removed rows, HVPs and b all-reduced by hand) equals the 1-process one; under FSDP2 it stops
-    with one clear line."""
+    removed rows, HVPs and b all-reduced by hand) equals the 1-process one; so does 2 processes
+    under ModelParallelStrategy, where the step keeps the model replicated (not sharded)."""
     from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model
 
     spec = ModelSpec(config=dict(TINY_LLAMA), tokenizer=tokenizer_dir)
@@ -246,19 +247,10 @@ def test_influence_step_under_ddp_equals_one_process(tmp_path, world_dir, tokeni
         }  # fmt: skip
         path = tmp_path / f"influence_{name}.yaml"
         path.write_text(yaml.safe_dump(config))
-        if name == "fsdp2":
-            env = {**os.environ, "WANDB_MODE": "disabled"}
-            command = [sys.executable, "-m", "lightning_unlearn", "fit", "--config", str(path)]
-            done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-            assert (
-                done.returncode != 0
-                and "InfluenceStep does not run under ModelParallelStrategy" in done.stderr
-            )
-            assert not (tmp_path / name).exists()
-            continue
         _run(path, tmp_path)
         results[name] = _adapter(tmp_path / name)
     before = load_file(str(adapter_dir / "adapter_model.safetensors"))
     for key in results["one"]:
         _close(results["ddp"][key], results["one"][key])
+        _close(results["fsdp2"][key], results["one"][key])
     assert max((results["one"][k] - before[k]).abs().max().item() for k in before) > 1e-4
