@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -231,6 +232,8 @@ class Protocol:
             **self.trainer_args,
             **stage.trainer,
         }
+        if isinstance(args.get("strategy"), dict):
+            args["strategy"] = _instantiate(args["strategy"], "trainer.strategy")
         return L.Trainer(
             max_epochs=stage.max_epochs, logger=self._logger(stage_name), callbacks=callbacks or [], **args
         )
@@ -451,3 +454,19 @@ class Protocol:
     def _columns(reports: dict[str, Report]) -> list[str]:
         present = {name for r in reports.values() for name in r.metrics}
         return [c for c in TABLE_COLUMNS if c in present]
+
+
+def _instantiate(spec: dict[str, Any], where: str) -> Any:
+    """A fresh object from ``{"class_path": ..., "init_args": {...}}`` (a strategy: every stage's
+    Trainer needs its own instance, so the protocol keeps the spec, not the object)."""
+    if set(spec) - {"class_path", "init_args"} or "class_path" not in spec:
+        raise UserError(f"{where}: expected 'class_path' and optional 'init_args', got {sorted(spec)}")
+    module, _, name = spec["class_path"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"{where}: cannot import '{spec['class_path']}'") from None
+    try:
+        return cls(**spec.get("init_args", {}))
+    except TypeError as err:
+        raise UserError(f"{where}: {spec['class_path']}: {err}") from None

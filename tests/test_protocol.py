@@ -174,3 +174,27 @@ def test_protocol_bad_data_leaves_no_complete_looking_output(tmp_path):
     assert not (tmp_path / "runs" / "mini" / "report.json").exists()
     with pytest.raises(UserError, match="reserved"):
         _protocol(tmp_path, objectives={"retain": Stage(objective=GradAscent())})
+
+
+def test_protocol_trainer_strategy_is_built_fresh_for_every_stage(tmp_path):
+    """A strategy given as class_path/init_args (how YAML names ModelParallelStrategy) becomes a new
+    instance per stage's Trainer, with its arguments; a wrong one is one clear line."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    spec = {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 1},
+    }
+    protocol = _protocol(tmp_path, trainer={"strategy": spec, "enable_progress_bar": False})
+    built = [protocol._trainer(n, protocol.finetune).strategy for n in ("retain", "finetuned")]
+    assert all(isinstance(s, ModelParallelStrategy) for s in built) and built[0] is not built[1]
+    assert [s._data_parallel_size for s in built] == [1, 1]
+    assert protocol.trainer_args["strategy"] == spec  # the spec is kept, not replaced by an object
+    for bad, message in [
+        ({"class_path": "lightning.pytorch.strategies.NoSuchStrategy"}, "cannot import"),
+        ({**spec, "init_args": {"data_parallel": 1}}, "unexpected keyword"),
+        ({"init_args": {}}, "expected 'class_path'"),
+    ]:
+        protocol = _protocol(tmp_path, trainer={"strategy": bad})
+        with pytest.raises(UserError, match=f"trainer.strategy: .*{message}"):
+            protocol._trainer("retain", protocol.finetune)
