@@ -266,6 +266,7 @@ class Protocol:
             prompt_format=self.data.prompt_format,
             max_length=self.data.max_length,
             batch_size=self.finetune.batch_size,
+            seed=self.seed,
         )
         return self._train(stage_name, self.finetune, self.base, dm)
 
@@ -281,6 +282,7 @@ class Protocol:
             prompt_format=self.data.prompt_format,
             max_length=self.data.max_length,
             batch_size=fit.batch_size,
+            seed=self.seed,
         )
         fit_stage = Stage(objective=fit.objective, max_epochs=fit.max_epochs, trainer=fit.trainer)
         adapter_dir = self._train(f"{stage_name}_adapter", fit_stage, spec, dm, merge=False)

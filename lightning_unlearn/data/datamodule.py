@@ -112,6 +112,11 @@ class _Flatten(TrainCollator):
 class _LoaderMixin:
     """Train loaders shuffle; validation and test loaders see the same data in order."""
 
+    def _replicas(self) -> dict[str, int]:
+        """The data-parallel world this loader is dealt to: the strategy's (1 outside a Trainer)."""
+        kwargs = getattr(getattr(self.trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
+        return {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
+
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
@@ -122,7 +127,17 @@ class _LoaderMixin:
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.dataset, shuffle=True)
+        # The order is a function of (seed, epoch) only, never of the global RNG, and one
+        # permutation is dealt to the ranks: 2 processes see the batches 1 process does, and a
+        # run resumed at an epoch boundary sees the epochs an uninterrupted one would.
+        sampler = DistributedSampler(self.dataset, shuffle=True, seed=self.seed, **self._replicas())
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.dataset, shuffle=False)
@@ -132,7 +147,8 @@ class _LoaderMixin:
 
 
 class FineTuneDataModule(_LoaderMixin, LightningDataModule):
-    """Plain causal-LM batches of one split (the TOFU protocol's target and retain models)."""
+    """Plain causal-LM batches of one split (the TOFU protocol's target and retain models),
+    shuffled by ``seed`` and the epoch."""
 
     def __init__(
         self,
@@ -143,13 +159,14 @@ class FineTuneDataModule(_LoaderMixin, LightningDataModule):
         max_length: int = 256,
         batch_size: int = 16,
         num_workers: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise UserError(f"batch_size must be at least 1, got {batch_size}")
         self.tokenizer_path, self.source, self.split = tokenizer, source, split
         self.prompt_format, self.max_length = prompt_format, max_length
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.dataset: list[dict] | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -194,11 +211,6 @@ class UnlearningDataModule(_LoaderMixin, LightningDataModule):
         self.retain_per_forget, self.refusals, self.seed = retain_per_forget, refusals, seed
         self.dataset: PairedDataset | None = None
         self.epoch_offset = 0  # sequential forgetting: pairing epochs count from the request's start
-
-    def _replicas(self) -> dict[str, int]:
-        """The data-parallel world this loader is dealt to: the strategy's (1 outside a Trainer)."""
-        kwargs = getattr(getattr(self.trainer, "strategy", None), "distributed_sampler_kwargs", None) or {}
-        return {"num_replicas": kwargs.get("num_replicas", 1), "rank": kwargs.get("rank", 0)}
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
