@@ -61,11 +61,11 @@ def evaluate_main(argv: list[str]) -> None:
 def lightning_main(argv: list[str] | None, run: bool = True):
     """LightningCLI over every objective and data module; ``run=False`` only builds them (tests)."""
     from lightning import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
 
     from lightning_unlearn.objectives.base import UnlearningObjective
+    from lightning_unlearn.resume import UnlearnCLI
 
-    return LightningCLI(
+    return UnlearnCLI(
         UnlearningObjective,
         LightningDataModule,
         subclass_mode_model=True,

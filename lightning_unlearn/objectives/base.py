@@ -10,6 +10,9 @@ adapter disabled (``adapter_off``, no extra memory, one extra forward per use), 
 fixed sub-batches (NPO, IdkDPO), those log-probs computed once at the start of fit, each rank
 computing a shard, and looked up by row index afterwards (``cached``: no extra memory and no
 extra forward per step).
+
+A non-finite training loss stops the run before the update that would absorb it, with the last
+good weights exported (``stop_on_nonfinite``; see ``on_before_backward``).
 """
 
 from __future__ import annotations
@@ -32,11 +35,29 @@ from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_mode
 from lightning_unlearn.sharding import full_state_dict, fully_shard_model, is_sharded
 
 REFERENCE_POLICIES = ("adapter_off", "cached", "copy")
+# A loss's kind of non-finiteness, ordered so a max over ranks reports the worst: nan beats inf.
+NONFINITE_KINDS = ("finite", "-inf", "inf", "nan")
 
 
 def adamw(params) -> torch.optim.Optimizer:
     """Default optimiser: AdamW at closer-look's unlearning learning rate."""
     return torch.optim.AdamW(params, lr=1e-5)
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became nan or inf; ``directory`` holds the last good weights (None when
+    the first step of the fit already failed, so nothing was trained and nothing written)."""
+
+    def __init__(self, message: str, step: int, last_good_step: int | None, directory: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.last_good_step, self.directory = step, last_good_step, directory
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 DTensor (shares its storage), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class UnlearningObjective(LightningModule):
@@ -57,6 +78,10 @@ class UnlearningObjective(LightningModule):
         activation_checkpointing: keep only each decoder layer's input from the forward pass and
             recompute the rest during backward (transformers' non-reentrant checkpointing): the
             activations of a long sequence stop scaling with depth, for about one extra forward.
+        stop_on_nonfinite: stop fit at a nan/inf training loss, before its backward, and export
+            the last good weights to ``<log_dir>/last_good`` (see ``on_before_backward``). Keeps a
+            copy of the trainable parameters on their device: small for a LoRA, a second copy of
+            the model for full fine-tuning (turn it off if that does not fit).
     """
 
     uses_reference = False
@@ -76,6 +101,7 @@ class UnlearningObjective(LightningModule):
         lr_schedule: str = "constant",
         warmup_ratio: float = 0.0,
         activation_checkpointing: bool = False,
+        stop_on_nonfinite: bool = True,
     ) -> None:
         super().__init__()
         if reference is not None and reference not in REFERENCE_POLICIES:
@@ -102,6 +128,11 @@ class UnlearningObjective(LightningModule):
         self.reference_policy = reference or default
         self.optimizer_factory, self.lr_schedule, self.warmup_ratio = optimizer, lr_schedule, warmup_ratio
         self.activation_checkpointing = activation_checkpointing
+        self.stop_on_nonfinite = stop_on_nonfinite
+        # The trainable parameters (this rank's shards) at the last step whose losses were all
+        # finite, and that step; a plain dict, so never part of state_dict or a checkpoint.
+        self._last_good: dict[str, Tensor] = {}
+        self._last_good_step: int | None = None
         self.model: torch.nn.Module | None = None
         self.reference_model: torch.nn.Module | None = None
         self.reference_cache: dict[str, Tensor] = {}
@@ -196,7 +227,12 @@ class UnlearningObjective(LightningModule):
         self.build_reference_cache(datamodule)
 
     def on_fit_start(self) -> None:
+        # A snapshot from an earlier fit of this object is not a good state of this one.
+        self._last_good_step = None
         self._ensure_reference_cache()
+
+    def on_fit_end(self) -> None:
+        self._last_good, self._last_good_step = {}, None  # free the copy (a whole model when full FT)
 
     def on_validation_start(self) -> None:
         self._ensure_reference_cache()
@@ -204,12 +240,29 @@ class UnlearningObjective(LightningModule):
     def on_test_start(self) -> None:
         self._ensure_reference_cache()
 
+    @property
+    def strict_loading(self) -> bool:
+        # With an adapter a checkpoint holds the trainable tensors only (on_save_checkpoint).
+        return self.adapter_spec is None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A resumed run must not recompute the cache from weights that have already moved.
         checkpoint["reference_cache"] = {k: v.cpu() for k, v in self.reference_cache.items()}
+        if self.adapter_spec is not None:
+            # The frozen base is the model_spec's, unchanged: keep only what training changes,
+            # so an epoch's checkpoint of a LoRA run is megabytes, not the whole model.
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.reference_cache = dict(checkpoint.get("reference_cache", {}))
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing = sorted(trainable - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise UserError(
+                f"the checkpoint does not hold this objective's trainable weights ({len(missing)} missing, "
+                f"e.g. '{missing[0]}'): it was written by another model or adapter configuration"
+            )
 
     def reference_kl(self, sub_batch: dict[str, Tensor], logits: Tensor | None = None) -> Tensor:
         """KL(reference || model) per scored position, averaged over the label tokens of the global
@@ -296,10 +349,97 @@ class UnlearningObjective(LightningModule):
         if hasattr(datamodule, "set_epoch"):
             datamodule.set_epoch(self.current_epoch)
 
+    # -- non-finite losses ----------------------------------------------------------------------
+    def _trainable(self) -> list[tuple[str, Tensor]]:
+        return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Snapshot the weights w_t of step t: every loss of this step was finite (else
+        ``on_before_backward`` had stopped the run) and the optimizer has not moved them yet."""
+        if not self.stop_on_nonfinite:
+            return
+        with torch.no_grad():
+            for name, param in self._trainable():
+                local, kept = _local(param), self._last_good.get(name)
+                if kept is not None and kept.shape == local.shape and kept.dtype == local.dtype:
+                    kept.copy_(local)
+                else:
+                    self._last_good[name] = local.detach().clone()
+        self._last_good_step = self.trainer.global_step
+
+    def on_before_backward(self, loss: Tensor) -> None:
+        """Stop at a nan/inf loss before its gradient reaches the weights.
+
+        Every rank learns whether any rank's loss is non-finite (a max all-reduce, so all stop
+        together instead of some waiting in the next collective). The weights that produced the
+        bad loss, w_k, came out of the update of step k-1, which is what diverged (a finite loss
+        can still give inf gradients), so they are not kept. The last good weights are w_j, the
+        weights at which the last fully finite step j (j = k-1 without a resume in between) was
+        evaluated: they are written back into the model, exported with ``export(merge=False)``
+        (a peft adapter, or the whole model without one) to ``<log_dir>/last_good`` (the logger's
+        run directory, ``default_root_dir`` without a logger), and ``NonFiniteLoss`` (a
+        ``UserError``) names both steps and the directory. Nothing else is written: Lightning
+        skips ``on_fit_end`` (so ``ExportModel``) when fit raises.
+        """
+        if not self.stop_on_nonfinite:
+            return
+        value = loss.detach().float()
+        code = torch.where(value.isnan(), 3, torch.where(value.isposinf(), 2, value.isneginf().long()))
+        code = code.max().float()
+        if self.trainer.world_size > 1:
+            code = self.trainer.strategy.reduce(code, reduce_op="max")
+        if int(code.item()) == 0:
+            return
+        kind, step, epoch = NONFINITE_KINDS[int(code.item())], self.trainer.global_step, self.current_epoch
+        what = "adapter" if self.adapter_spec is not None else "model"
+        if self._last_good_step is None:
+            raise NonFiniteLoss(
+                f"non-finite training loss ({kind}) at epoch {epoch}, step {step}, the first step of "
+                f"this fit: stopped, nothing written (the starting weights already give it: check the "
+                f"model, the data and the precision)",
+                step,
+                None,
+                None,
+            )
+        pass  # mutated
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "last_good"
+        self.export(directory, merge=False)
+        self.trainer.strategy.barrier("nonfinite_export")  # no rank exits before rank 0 has written
+        good = self._last_good_step
+        raise NonFiniteLoss(
+            f"non-finite training loss ({kind}) at epoch {epoch}, step {step}: stopped before the "
+            f"update; the last good {what} (the weights at step {good}, whose loss was finite) is in "
+            f"{directory}",
+            step,
+            good,
+            directory,
+        )
+
+    def _restore_last_good(self) -> None:
+        """Write the snapshot back into the live parameters. FSDP2 keeps the root unit gathered
+        between forward and backward: reshard first, so every parameter is its sharded DTensor
+        again and the snapshot's shards land in the storage FSDP2 owns."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        with torch.no_grad():
+            for name, param in self._trainable():
+                local = _local(param)
+                if name not in self._last_good or self._last_good[name].shape != local.shape:
+                    raise RuntimeError(f"last good snapshot does not fit parameter {name}")
+                local.copy_(self._last_good[name])
+
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        try:
+            optimizer = self.optimizer_factory(params)
+        except ValueError as err:  # torch validates its arguments with ValueError
+            if "learning rate" in str(err).lower():
+                raise UserError(f"optimizer.init_args.lr must not be negative ({err})") from None
+            raise UserError(f"optimizer: {err}") from None
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = get_scheduler(
             self.lr_schedule,
