@@ -401,7 +401,7 @@ class UnlearningObjective(LightningModule):
                 None,
                 None,
             )
-        pass  # mutated
+        self._restore_last_good()
         directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "last_good"
         self.export(directory, merge=False)
         self.trainer.strategy.barrier("nonfinite_export")  # no rank exits before rank 0 has written
