@@ -14,11 +14,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_unlearn.data.collate import TrainCollator
 from lightning_unlearn.data.formatting import PLAIN, PromptFormat, encode
+from lightning_unlearn.data.records import check_disjoint
 from lightning_unlearn.data.refusals import load_refusals, refusal_records
-from lightning_unlearn.data.tofu import load_split
+from lightning_unlearn.data.tofu import load_split, split_where
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.distributed import shard_indices
-from lightning_unlearn.errors import UserError
+from lightning_unlearn.errors import ConfigError, UserError
+
+
+def check_at_least(minimum: int, **values: int) -> None:
+    """Refuse a data-module argument below ``minimum``, naming its config key (``data.<key>``)."""
+    for key, value in values.items():
+        if value < minimum:
+            raise ConfigError(f"data.{key} must be at least {minimum}, got {value}")
 
 
 def encode_records(
@@ -162,8 +170,8 @@ class FineTuneDataModule(_LoaderMixin, LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        check_at_least(1, max_length=max_length, batch_size=batch_size)
+        check_at_least(0, num_workers=num_workers)
         self.tokenizer_path, self.source, self.split = tokenizer, source, split
         self.prompt_format, self.max_length = prompt_format, max_length
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -202,8 +210,13 @@ class UnlearningDataModule(_LoaderMixin, LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or retain_per_forget < 1:
-            raise UserError("batch_size and retain_per_forget must be at least 1")
+        check_at_least(1, max_length=max_length, batch_size=batch_size, retain_per_forget=retain_per_forget)
+        check_at_least(0, num_workers=num_workers)
+        if retain_split is not None and retain_split == forget_split:
+            raise ConfigError(
+                f"data.retain_split is the forget split '{forget_split}': the retain set must not hold "
+                "what is being forgotten"
+            )
         self.tokenizer_path, self.source = tokenizer, source
         self.forget_split, self.retain_split = forget_split, retain_split
         self.prompt_format, self.max_length = prompt_format, max_length
@@ -230,10 +243,17 @@ class UnlearningDataModule(_LoaderMixin, LightningDataModule):
         forget = encode_records(forget_records, tokenizer, self.prompt_format, self.max_length)
         retain = None
         if self.retain_split:
-            forget_ids = {r["question"] for r in forget_records}
-            retain_records = [
-                r for r in load_split(self.source, self.retain_split) if r["question"] not in forget_ids
-            ]
+            retain_records = load_split(self.source, self.retain_split)
+            check_disjoint(
+                forget_records,
+                retain_records,
+                split_where(self.source, self.forget_split),
+                split_where(self.source, self.retain_split),
+            )
+            # the same question with another answer is not the same record, but training on it
+            # would still teach the answer being unlearned: leave it out of retain
+            forget_questions = {r["question"] for r in forget_records}
+            retain_records = [r for r in retain_records if r["question"] not in forget_questions]
             if not retain_records:
                 raise UserError(f"retain split '{self.retain_split}' has no records outside the forget split")
             retain = encode_records(retain_records, tokenizer, self.prompt_format, self.max_length)

@@ -16,7 +16,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
 from lightning_unlearn.data.collate import pad_batch
-from lightning_unlearn.data.datamodule import encode_records
+from lightning_unlearn.data.datamodule import check_at_least, encode_records
 from lightning_unlearn.data.formatting import PLAIN, PromptFormat
 from lightning_unlearn.data.records import load_records, parse_rows, validate_record
 from lightning_unlearn.data.tofu import load_split
@@ -96,8 +96,7 @@ class InfluenceDataModule(LightningDataModule):
             raise UserError(
                 "influence data: instance_removal takes removed_split or removed_file, not edits_file"
             )
-        if batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        check_at_least(1, max_length=max_length, batch_size=batch_size)
         self.tokenizer_path, self.source, self.train_split = tokenizer, source, train_split
         self.edit = REMOVAL if edits_file is None else edit
         self.removed_split, self.removed_file, self.edits_file = removed_split, removed_file, edits_file
@@ -148,6 +147,11 @@ class InfluenceDataModule(LightningDataModule):
                     f"{origin}: record {record['id']} is listed twice (it would be removed twice)"
                 )
             seen.add(_key(record))
+        if len(records) == len(trained):
+            raise UserError(
+                f"{origin}: removes all {len(records)} records of {self._where_trained()}: "
+                "nothing would be left to fit"
+            )
         return records
 
     def _edits(self, trained: set[tuple[str, str]]) -> tuple[list[dict], list[dict]]:

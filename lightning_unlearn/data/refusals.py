@@ -20,7 +20,10 @@ def load_refusals(refusals: str) -> list[str]:
         path = Path(refusals)
         if not path.is_file():
             raise UserError(f"refusals file '{refusals}' does not exist")
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, where = path.read_text(encoding="utf-8-sig"), str(path)
+        except UnicodeDecodeError as err:
+            raise UserError(f"refusals file '{refusals}': not UTF-8 text ({err})") from None
     answers = [line.strip() for line in text.splitlines() if line.strip()]
     if not answers:
         raise UserError(f"{where}: no refusal answers")

@@ -28,6 +28,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import PreTrainedTokenizerFast
 
 from lightning_unlearn.data.refusals import load_refusals
+from lightning_unlearn.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -345,14 +346,15 @@ def _balanced(rng: random.Random, options: Sequence[T], n: int) -> list[T]:
 def _forget_pct(config: WorldConfig) -> int:
     """The forget percentage in the split names; it must be exact for the TOFU-style name to be honest."""
     if not 1 <= config.n_forget_authors < config.n_authors:
-        raise ValueError(
-            f"n_forget_authors must be between 1 and n_authors - 1 (= {config.n_authors - 1}), "
-            f"got {config.n_forget_authors}"
+        raise ConfigError(
+            f"data.world.n_forget_authors must be between 1 and data.world.n_authors - 1 "
+            f"(= {config.n_authors - 1}), got {config.n_forget_authors}: the forget split must be "
+            "smaller than the data, leaving authors to retain"
         )
     if (100 * config.n_forget_authors) % config.n_authors:
-        raise ValueError(
-            f"{config.n_forget_authors} forget authors of {config.n_authors} is "
-            f"{100 * config.n_forget_authors / config.n_authors:g}%, not a whole percentage"
+        raise ConfigError(
+            f"data.world: {config.n_forget_authors} forget authors (n_forget_authors) of {config.n_authors} "
+            f"(n_authors) is {100 * config.n_forget_authors / config.n_authors:g}%, not a whole percentage"
         )
     return 100 * config.n_forget_authors // config.n_authors
 
@@ -362,19 +364,24 @@ def _check_config(config: WorldConfig) -> int:
     pct = _forget_pct(config)
     n_names = config.n_authors + config.n_forget_authors
     if n_names > len(FIRST_NAMES) * len(SURNAMES):
-        raise ValueError(
-            f"{n_names} authors (with holdout) exceed the {len(FIRST_NAMES) * len(SURNAMES)} names"
+        raise ConfigError(
+            f"data.world: {n_names} authors (n_authors + n_forget_authors for the holdout) exceed "
+            f"the {len(FIRST_NAMES) * len(SURNAMES)} names"
         )
     smallest = min(len(spec["values"]) for spec in FACT_TYPES.values())
     if not 1 <= config.n_perturbed < smallest:
-        raise ValueError(f"n_perturbed must be between 1 and {smallest - 1}, got {config.n_perturbed}")
+        raise ConfigError(
+            f"data.world.n_perturbed must be between 1 and {smallest - 1}, got {config.n_perturbed}"
+        )
     n_facts = sum(len(facts) for facts in WORLD_FACTS.values())
     if not 0 <= config.n_world_facts <= n_facts:
-        raise ValueError(f"n_world_facts must be between 0 and {n_facts}, got {config.n_world_facts}")
+        raise ConfigError(
+            f"data.world.n_world_facts must be between 0 and {n_facts}, got {config.n_world_facts}"
+        )
     n_retain = config.n_authors - config.n_forget_authors
     if not 0 <= config.n_eval_retain_authors <= n_retain:
-        raise ValueError(
-            f"n_eval_retain_authors must be between 0 and the {n_retain} retain authors, "
+        raise ConfigError(
+            f"data.world.n_eval_retain_authors must be between 0 and the {n_retain} retain authors, "
             f"got {config.n_eval_retain_authors}"
         )
     return pct

@@ -62,3 +62,13 @@ def load_split(source: str | Path, split: str, require: tuple[str, ...] = ()) ->
     if path.is_file():
         return load_records(path, require)
     return load_records(split_file(source, split), require)
+
+
+def split_where(source: str | Path, split: str) -> str:
+    """Where ``split`` of ``source`` is, for messages: its file when local, else the hub split."""
+    path = Path(source)
+    if path.is_file():
+        return str(path)
+    if path.is_dir():
+        return str(path / f"{split}.json")
+    return f"split '{split}' of {source}"
