@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,11 +22,13 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.other import get_pattern_key
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lightning_unlearn.errors import UserError
+from lightning_unlearn.errors import UserError, brief
 from lightning_unlearn.io import atomic_directory
+from lightning_unlearn.safe_load import load_tensors, refusal
 
 Factors = dict[str, tuple[Tensor, Tensor]]
 
@@ -100,12 +103,17 @@ def load_factors(directory: str | Path) -> Factors:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise UserError(f"not a saved peft adapter: '{path}' is missing")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"'{config_path}' is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("lora_alpha"), (int, float)):
+        raise UserError(f"'{config_path}' has no numeric 'lora_alpha': not a LoRA adapter config")
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"'{directory}': only LoRA adapters can be fused, got {config.get('peft_type')}")
     if config.get("use_dora") or config.get("lora_bias"):
         raise UserError(f"'{directory}': DoRA / lora_bias adapters are not a plain B @ A delta")
-    state = load_file(str(weights_path))
+    state = load_tensors(weights_path)
     extra = [k for k in state if not k.endswith((A_SUFFIX, B_SUFFIX))]
     if extra:
         raise UserError(f"'{directory}': cannot fuse non-LoRA tensors such as '{extra[0]}'")
@@ -253,10 +261,12 @@ def peft_fusion(
         raise UserError(f"peft_fusion: {len(weights)} weights for {len(adapter_dirs)} adapters")
     uses_density = method in DENSITY_METHODS
     names = [f"request_{k}" for k in range(len(adapter_dirs))]
-    model = PeftModel.from_pretrained(base_model, str(adapter_dirs[0]), adapter_name=names[0])
+    with _adapter_errors(adapter_dirs[0]):
+        model = PeftModel.from_pretrained(base_model, str(adapter_dirs[0]), adapter_name=names[0])
     try:
         for name, directory in zip(names[1:], adapter_dirs[1:], strict=True):
-            model.load_adapter(str(directory), adapter_name=name)
+            with _adapter_errors(directory):
+                model.load_adapter(str(directory), adapter_name=name)
         ranks = {model.peft_config[n].r for n in names}
         patterned = any(model.peft_config[n].rank_pattern for n in names)
         if method in SAME_RANK_METHODS and len(names) > 1 and (len(ranks) > 1 or patterned):
@@ -274,6 +284,19 @@ def peft_fusion(
     if uses_density:
         info["density"] = density
     return factors, info
+
+
+@contextmanager
+def _adapter_errors(directory: str | Path) -> Iterator[None]:
+    """peft's errors on an unreadable adapter or one for another base model, as one line naming it."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        raise UserError(refusal(directory, err)) from None
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as err:
+        raise UserError(f"adapter '{directory}' cannot be loaded for fusion: {brief(err)}") from None
 
 
 @contextmanager

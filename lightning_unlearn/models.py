@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors import SafetensorError
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from lightning_unlearn.data.tokenizer import check_local, load_tokenizer, resolve_gguf
-from lightning_unlearn.errors import UserError
+from lightning_unlearn.errors import ConfigError, UserError, brief
+from lightning_unlearn.safe_load import refusal, tensor_names, torch_load
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,6 +44,8 @@ class ModelSpec:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.path is not None and not str(self.path).strip():
+            raise ConfigError("model.path is empty: give a hub id, a directory or a .gguf file")
         if (self.path is None) == (self.config is None):
             raise UserError(
                 "model: give either 'path' (hub id, directory or .gguf file) or 'config', not both"
@@ -61,7 +75,15 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise UserError(f"adapter.r must be at least 1, got {self.r}")
+            raise ConfigError(f"adapter.r must be at least 1, got {self.r}")
+        if not self.alpha > 0:
+            raise ConfigError(
+                f"adapter.alpha must be positive (the update is scaled by alpha / r), got {self.alpha}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("adapter.target_modules is empty: name the modules to adapt, or 'all-linear'")
 
 
 def load_spec_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
@@ -83,21 +105,54 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None
             kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
             kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
             kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
-        config = AutoConfig.for_model(model_type, **kwargs)
+        try:
+            config = AutoConfig.for_model(model_type, **kwargs)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model.config: {brief(err)}") from None
+        _check_causal(config, "model.config")
         with torch.random.fork_rng():
             torch.manual_seed(spec.init_seed)
-            model = AutoModelForCausalLM.from_config(config)
+            try:
+                model = AutoModelForCausalLM.from_config(config)
+            except (ValueError, TypeError, AttributeError) as err:
+                # e.g. hidden_size not divisible by num_attention_heads
+                raise ConfigError(f"model.config: cannot build a {model_type} model: {brief(err)}") from None
         return model.to(dtype)
     check_local(spec.path)
     path, gguf_file = resolve_gguf(spec.path, spec.gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    where = f"could not load a causal LM from '{spec.path}'"
+    if not gguf_file:  # a GGUF file's config costs a parse of the whole file: leave it to the load
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"{where}: no readable model config ({brief(err)})") from None
+        _check_causal(config, where)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as err:
-        raise UserError(f"could not load a causal LM from '{spec.path}': {err}") from None
+    except pickle.UnpicklingError as err:
+        raise UserError(refusal(spec.path, err)) from None
+    except torch.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, SafetensorError) as err:
+        raise UserError(f"{where}: {brief(err)}") from None
+    except RuntimeError as err:
+        if "mismatch" not in str(err).lower():
+            raise
+        raise UserError(f"{where}: the weights do not fit its config.json ({brief(err)})") from None
     if gguf_file:
         _drop_gguf_marks(model)
     return model
+
+
+def _check_causal(config: PretrainedConfig, where: str) -> None:
+    """Refuse a model type with no causal-LM head in transformers (T5, a vision model, ...) with
+    its name, instead of transformers' list of every class it does support."""
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(
+            f"{where}: model_type '{config.model_type}' is not a causal language model "
+            "(transformers has no AutoModelForCausalLM for it)"
+        )
 
 
 def _drop_gguf_marks(model: PreTrainedModel) -> None:
@@ -121,7 +176,76 @@ def attach_lora(model: PreTrainedModel, lora: LoraSpec) -> PeftModel:
     return get_peft_model(model, config)
 
 
+def describe_model(model: PreTrainedModel) -> str:
+    """A model's name for messages: where it came from, or its shape when built from a config."""
+    config = model.config
+    name = getattr(config, "_name_or_path", "") or ""
+    shape = (
+        f"{config.model_type}, hidden_size {getattr(config, 'hidden_size', '?')}, "
+        f"{getattr(config, 'num_hidden_layers', '?')} layers"
+    )
+    return f"'{name}' ({shape})" if name else f"a model built from config ({shape})"
+
+
+def _adapter_weight_names(directory: Path) -> set[str]:
+    """The tensor names of a local adapter, refusing what peft could not or should not load: no
+    ``adapter_config.json`` (peft would go looking on the hub), an unreadable config, no weights,
+    or an ``adapter_model.bin`` pickle holding more than tensors (checked weights-only here, so
+    safety does not hang on the installed peft version's own torch.load call)."""
+    config = directory / "adapter_config.json"
+    if not config.is_file():
+        raise UserError(f"'{directory}' is not a saved peft adapter: '{config.name}' is missing")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"'{config}' is not valid JSON ({err})") from None
+    safetensors, pickled = directory / "adapter_model.safetensors", directory / "adapter_model.bin"
+    if safetensors.is_file():
+        return tensor_names(safetensors)
+    if pickled.is_file():
+        state = torch_load(pickled)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"'{pickled}' is not a state dict of tensors")
+        return set(state)
+    raise UserError(f"'{directory}' holds no adapter weights (adapter_model.safetensors)")
+
+
 def load_adapter(model: PreTrainedModel, adapter_dir: str, trainable: bool = False) -> PeftModel:
-    """Attach a saved peft adapter (e.g. a fine-tuning LoRA that defines the target model)."""
+    """Attach a saved peft adapter (e.g. a fine-tuning LoRA that defines the target model).
+
+    An adapter saved for another base model is refused, naming both: peft raises on a size
+    mismatch or absent target modules, but loads an adapter for a deeper model silently (the extra
+    layers' weights are dropped) and leaves layers the file lacks at their initialisation, so the
+    file's tensor names are compared with the adapter's too. On failure ``model`` may already
+    carry empty LoRA layers: load the base again.
+    """
     check_local(adapter_dir)
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    directory = Path(adapter_dir).expanduser()
+    names = _adapter_weight_names(directory) if directory.is_dir() else None
+    base = describe_model(model)
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    except pickle.UnpicklingError as err:
+        raise UserError(refusal(adapter_dir, err)) from None
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as err:
+        raise UserError(f"adapter '{adapter_dir}' does not fit the base model {base}: {brief(err)}") from None
+    if names is not None:
+        # LoRA factors only: a file may also carry resized embeddings or modules_to_save
+        expected = {
+            k for k in get_peft_model_state_dict(peft_model, save_embedding_layers=False) if ".lora_" in k
+        }
+        names = {k for k in names if ".lora_" in k}
+        extra, missing = sorted(names - expected), sorted(expected - names)
+        if extra or missing:
+            detail = (
+                f"it has {extra[0]!r}, which the base has no place for"
+                if extra
+                else (f"it lacks {missing[0]!r}, which the base has")
+            )
+            raise UserError(
+                f"adapter '{adapter_dir}' was saved for another base model than {base}: {detail} "
+                f"({len(extra)} tensors without a place, {len(missing)} missing)"
+            )
+    return peft_model
