@@ -18,6 +18,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from lightning_unlearn.data.tokenizer import check_local, load_tokenizer, resolve_gguf
@@ -54,6 +55,17 @@ class ModelSpec:
             raise UserError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.config is not None and "model_type" not in self.config:
             raise UserError("model.config needs a 'model_type' (for example 'llama')")
+        if self.config is not None:
+            model_type = self.config["model_type"]
+            if model_type not in CONFIG_MAPPING:
+                raise ConfigError(
+                    f"model.config.model_type {model_type!r} is not a model type transformers knows"
+                )
+            if CONFIG_MAPPING[model_type] not in MODEL_FOR_CAUSAL_LM_MAPPING:
+                raise ConfigError(
+                    f"model.config.model_type {model_type!r} is not a causal language model "
+                    "(transformers has no AutoModelForCausalLM for it)"
+                )
 
     @property
     def tokenizer_path(self) -> str:
@@ -107,9 +119,9 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None
             kwargs.setdefault("bos_token_id", tokenizer.bos_token_id)
         try:
             config = AutoConfig.for_model(model_type, **kwargs)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(f"model.config: {brief(err)}") from None
-        _check_causal(config, "model.config")
+        except Exception as err:  # building a config from the user's values: any failure is theirs
+            # huggingface_hub's validators wrap the ValueError that says what is wrong
+            raise ConfigError(f"model.config: {brief(err.__cause__ or err)}") from None
         with torch.random.fork_rng():
             torch.manual_seed(spec.init_seed)
             try:
@@ -139,7 +151,11 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None
     except RuntimeError as err:
         if "mismatch" not in str(err).lower():
             raise
-        raise UserError(f"{where}: the weights do not fit its config.json ({brief(err)})") from None
+        # transformers has just logged a table of every mismatched tensor; its error says only that
+        raise UserError(
+            f"{where}: its weights do not fit its config.json (tensor shapes differ; "
+            "transformers' load report above lists them)"
+        ) from None
     if gguf_file:
         _drop_gguf_marks(model)
     return model

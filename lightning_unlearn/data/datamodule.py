@@ -30,11 +30,20 @@ def check_at_least(minimum: int, **values: int) -> None:
 
 
 def encode_records(
-    records: list[dict], tokenizer, prompt_format: PromptFormat, max_length: int
+    records: list[dict], tokenizer, prompt_format: PromptFormat, max_length: int, origin: str | None = None
 ) -> list[dict]:
-    """Encode each record's question and answer; errors name the record."""
+    """Encode each record's question and answer; errors name the record (and ``origin``, its file,
+    which a generated ``<file>:<row>`` id already holds but a record's own id does not)."""
+    prefix = f"{origin}: " if origin else ""
     return [
-        encode(r["question"], r["answer"], tokenizer, prompt_format, max_length, where=f"record {r['id']}")
+        encode(
+            r["question"],
+            r["answer"],
+            tokenizer,
+            prompt_format,
+            max_length,
+            where=f"{prefix}record {r['id']}",
+        )
         for r in records
     ]
 
@@ -182,7 +191,9 @@ class FineTuneDataModule(_LoaderMixin, LightningDataModule):
             tokenizer = load_tokenizer(self.tokenizer_path)
             self.collator = TrainCollator(tokenizer.pad_token_id)
             records = load_split(self.source, self.split)
-            self.dataset = encode_records(records, tokenizer, self.prompt_format, self.max_length)
+            self.dataset = encode_records(
+                records, tokenizer, self.prompt_format, self.max_length, split_where(self.source, self.split)
+            )
 
 
 class UnlearningDataModule(_LoaderMixin, LightningDataModule):
@@ -240,23 +251,22 @@ class UnlearningDataModule(_LoaderMixin, LightningDataModule):
         tokenizer = self.tokenizer = load_tokenizer(self.tokenizer_path)
         self.collator = _Flatten(tokenizer.pad_token_id)
         forget_records = self.forget_records = load_split(self.source, self.forget_split)
-        forget = encode_records(forget_records, tokenizer, self.prompt_format, self.max_length)
+        forget_where = split_where(self.source, self.forget_split)
+        forget = encode_records(forget_records, tokenizer, self.prompt_format, self.max_length, forget_where)
         retain = None
         if self.retain_split:
             retain_records = load_split(self.source, self.retain_split)
-            check_disjoint(
-                forget_records,
-                retain_records,
-                split_where(self.source, self.forget_split),
-                split_where(self.source, self.retain_split),
-            )
+            retain_where = split_where(self.source, self.retain_split)
+            check_disjoint(forget_records, retain_records, forget_where, retain_where)
             # the same question with another answer is not the same record, but training on it
             # would still teach the answer being unlearned: leave it out of retain
             forget_questions = {r["question"] for r in forget_records}
             retain_records = [r for r in retain_records if r["question"] not in forget_questions]
             if not retain_records:
                 raise UserError(f"retain split '{self.retain_split}' has no records outside the forget split")
-            retain = encode_records(retain_records, tokenizer, self.prompt_format, self.max_length)
+            retain = encode_records(
+                retain_records, tokenizer, self.prompt_format, self.max_length, retain_where
+            )
         forget_idk = retain_idk = None
         if self.refusals:
             refusals = load_refusals(self.refusals)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from lightning_unlearn.errors import UserError
+from lightning_unlearn.errors import UserError, brief
 
 
 def resolve_gguf(path: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -32,7 +32,7 @@ def load_tokenizer(path: str, gguf_file: str | None = None) -> PreTrainedTokeniz
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise UserError(f"could not load a tokenizer from '{path}': {err}") from None
+        raise UserError(f"could not load a tokenizer from '{path}': {brief(err)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
