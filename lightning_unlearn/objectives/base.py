@@ -388,9 +388,10 @@ class UnlearningObjective(LightningModule):
         code = code.max().float()
         if self.trainer.world_size > 1:
             code = self.trainer.strategy.reduce(code, reduce_op="max")
-        if int(code.item()) == 0:
+        worst = int(code.item())  # one scalar sync per backward: negligible beside the step
+        if worst == 0:
             return
-        kind, step, epoch = NONFINITE_KINDS[int(code.item())], self.trainer.global_step, self.current_epoch
+        kind, step, epoch = NONFINITE_KINDS[worst], self.trainer.global_step, self.current_epoch
         what = "adapter" if self.adapter_spec is not None else "model"
         if self._last_good_step is None:
             raise NonFiniteLoss(
@@ -416,9 +417,10 @@ class UnlearningObjective(LightningModule):
         )
 
     def _restore_last_good(self) -> None:
-        """Write the snapshot back into the live parameters. FSDP2 keeps the root unit gathered
-        between forward and backward: reshard first, so every parameter is its sharded DTensor
-        again and the snapshot's shards land in the storage FSDP2 owns."""
+        """Write the snapshot back into the live parameters. FSDP2 leaves a unit gathered between
+        forward and backward unless it reshards after forward (``fully_shard_model`` asks for
+        that; torch's own default keeps the root gathered): reshard first, so every parameter is
+        its sharded DTensor again and the snapshot's shards land in the storage FSDP2 owns."""
         from torch.distributed.fsdp import FSDPModule
 
         for module in self.modules():
