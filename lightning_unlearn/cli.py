@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lightning_unlearn.errors import UserError
+from lightning_unlearn.errors import find_user_error
 
 USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,evaluate} [--config FILE] [--print_config] [--help]
 
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
             evaluate_main(argv[1:])
         else:
             lightning_main(None if argv == sys.argv[1:] else argv)
-    except UserError as err:
-        print(f"lightning-unlearn: error: {err}", file=sys.stderr)
+    except Exception as err:  # a UserError, or one jsonargparse re-raised while building the config
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"lightning-unlearn: error: {user_error}", file=sys.stderr)
         sys.exit(2)

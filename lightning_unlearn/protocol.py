@@ -22,8 +22,9 @@ from lightning_unlearn.callbacks.sequential import request_metrics
 from lightning_unlearn.data.datamodule import FineTuneDataModule, UnlearningDataModule
 from lightning_unlearn.data.edits import InfluenceDataModule
 from lightning_unlearn.data.formatting import PromptFormat
+from lightning_unlearn.data.records import check_disjoint
 from lightning_unlearn.data.synthetic import WorldConfig, make_world
-from lightning_unlearn.data.tofu import load_split
+from lightning_unlearn.data.tofu import load_split, split_where
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.evaluation import Evaluator
 from lightning_unlearn.io import atomic_directory, write_text_atomic
@@ -32,6 +33,8 @@ from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_mod
 from lightning_unlearn.objectives import FineTune, InfluenceStep, UnlearningObjective
 from lightning_unlearn.plots import continual_forgetting, forget_quality_vs_utility, truth_ratio_histograms
 from lightning_unlearn.report import Report, continual_table, metrics_table
+from lightning_unlearn.resume import settings_fingerprint
+from lightning_unlearn.safe_load import SafeTrainer
 
 TABLE_COLUMNS = [
     "forget_quality",
@@ -191,6 +194,9 @@ class Protocol:
             source = Path(d.source) if Path(d.source).exists() else d.source
         forget = load_split(source, d.forget_split)
         retain = load_split(source, d.retain_split)[: d.retain_limit]
+        check_disjoint(
+            forget, retain, split_where(source, d.forget_split), split_where(source, d.retain_split)
+        )
         forget_questions = {r["question"] for r in forget}
         retain = [r for r in retain if r["question"] not in forget_questions]
         # The protocol's own split files: what each model trains on, written once.
@@ -234,7 +240,7 @@ class Protocol:
         }
         if isinstance(args.get("strategy"), dict):
             args["strategy"] = _instantiate(args["strategy"], "trainer.strategy")
-        return L.Trainer(
+        return SafeTrainer(
             max_epochs=stage.max_epochs, logger=self._logger(stage_name), callbacks=callbacks or [], **args
         )
 
@@ -250,12 +256,15 @@ class Protocol:
         """Fit the stage and export its model (an adapter merged in, or kept apart with ``merge``
         False), except a sequential stage's: its model is the fused adapter merged into the target
         (``_export_fused``), not the live adapter slot."""
+        directory = self.run_dir / "models" / stage_name
+        if directory.is_dir():  # written atomically: a resumed run keeps it
+            print(f"[{self.name}] {stage_name}: done before, kept", flush=True)
+            return directory
         print(f"[{self.name}] {stage_name}: training {type(stage.objective).__name__}", flush=True)
         L.seed_everything(self.seed, verbose=False)
         objective = copy.deepcopy(stage.objective)  # a stage may run twice (target and retain)
         objective.model_spec = model
         self._trainer(stage_name, stage, callbacks).fit(objective, datamodule=datamodule)
-        directory = self.run_dir / "models" / stage_name
         return directory if stage.sequential else objective.export(directory, merge=merge)
 
     def _finetune(self, stage_name: str, split: str) -> Path:
@@ -318,14 +327,17 @@ class Protocol:
         spec = ModelSpec(path=str(target), dtype=self.base.dtype)
         callbacks: list = []
         if stage.eval_every_n_epochs or stage.sequential:
-            during = UnlearningEvaluation(every_n_epochs=stage.eval_every_n_epochs or 1)
+            history = self.run_dir / "histories" / f"{stage_name}.json"
+            during = UnlearningEvaluation(
+                every_n_epochs=stage.eval_every_n_epochs or 1, history_path=str(history)
+            )
             during.evaluator = self._evaluator(load_spec_tokenizer(spec), progress=False)
             callbacks.append(during)
         if stage.sequential:
             callbacks.append(self._sequential(stage_name, stage.sequential))
         unlearned = self._train(stage_name, stage, spec, dm, callbacks)
-        if stage.eval_every_n_epochs:
-            self.histories[stage_name] = callbacks[0].history
+        if stage.eval_every_n_epochs:  # from its file: a resumed run may not have trained the stage
+            self.histories[stage_name] = json.loads(history.read_text())
         if stage.sequential:
             ledger = callbacks[1].dirpath / "ledger.jsonl"
             self.continual[stage_name] = [json.loads(line) for line in ledger.read_text().splitlines()]
@@ -359,8 +371,10 @@ class Protocol:
 
     def _export_fused(self, stage_name: str, spec: ModelSpec, fused: Path) -> Path:
         """The sequential stage's model: the target with the fused adapter merged in."""
-        merged = load_adapter(load_model(spec), str(fused)).merge_and_unload()
         directory = self.run_dir / "models" / stage_name
+        if directory.is_dir():
+            return directory
+        merged = load_adapter(load_model(spec), str(fused)).merge_and_unload()
         with atomic_directory(directory) as tmp:
             merged.save_pretrained(tmp)
             load_spec_tokenizer(spec).save_pretrained(tmp)
@@ -383,6 +397,11 @@ class Protocol:
         )
 
     def _evaluate(self, name: str, model_dir: Path) -> Report:
+        saved = self.run_dir / "reports" / name / "report.json"
+        if saved.is_file():  # written atomically after its model: a resumed run keeps it
+            report = Report.load(saved)
+            report.save(saved.parent)
+            return report
         print(f"[{self.name}] {name}: evaluating", flush=True)
         spec = ModelSpec(path=str(model_dir), dtype=self.base.dtype)
         report = self._evaluator(load_spec_tokenizer(spec)).run(load_model(spec))
@@ -390,9 +409,26 @@ class Protocol:
         report.save(self.run_dir / "reports" / name)
         return report
 
+    def _claim_run_dir(self) -> None:
+        """Resume only a run of these very settings: ``settings.fingerprint`` in the run directory
+        must match, else stop before touching anything (a changed config needs another name)."""
+        settings = {k: getattr(self, k) for k in ("base", "finetune", "objectives", "data", "evaluation")}
+        fingerprint = settings_fingerprint({**settings, "trainer": self.trainer_args, "seed": self.seed})
+        marker = self.run_dir / "settings.fingerprint"
+        if marker.is_file() and marker.read_text().strip() == fingerprint:
+            print(f"[{self.name}] resuming {self.run_dir}: finished stages are kept", flush=True)
+            return
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise UserError(
+                f"{self.run_dir} holds a run of other settings (or one from before resumable runs): "
+                "give the protocol another name or out_dir, or delete that directory"
+            )
+        write_text_atomic(marker, fingerprint + "\n")
+
     def run(self) -> dict[str, Report]:
         """Run every stage and return the reports by model name; also writes report.json/.md."""
         start = time.perf_counter()
+        self._claim_run_dir()
         self.prepare_data()
         retain_dir = self._finetune("retain", "retain")
         self.retain_tr = self.retain_mia = None

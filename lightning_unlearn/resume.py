@@ -15,15 +15,20 @@ resumes request by request from its own ledger.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
+import re
+import types
 from pathlib import Path
 from typing import Any
 
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_unlearn.safe_load import SafeCheckpointCLI
 
 RESUME_FILE = "last"
 
@@ -35,8 +40,57 @@ def config_fingerprint(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class UnlearnCLI(LightningCLI):
-    """LightningCLI whose ``fit`` checkpoints every epoch and resumes from that checkpoint."""
+def describe(value: Any, depth: int = 0) -> Any:
+    """A JSON-able description of settings built in Python (dataclasses, objectives, optimiser
+    factories and their closures) that is the same in every process that builds the same
+    settings: what the protocol fingerprints to know a run directory is its own. Plain objects
+    are described by their public attributes down to ``depth`` 8 (a cycle ends there), then by
+    their repr without addresses."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): describe(v, depth) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [describe(v, depth) for v in value]
+        return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: describe(getattr(value, f.name), depth) for f in dataclasses.fields(value)}
+        return {"type": _name(type(value)), **fields}
+    if isinstance(value, functools.partial):
+        return {
+            "partial": describe(value.func, depth),
+            "args": describe(value.args, depth),
+            "kwargs": describe(value.keywords, depth),
+        }
+    if isinstance(value, types.ModuleType):
+        return {"module": value.__name__}
+    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
+        cells = (getattr(value, "__closure__", None) or ()) if depth < 8 else ()
+        return {"callable": _name(value), "closure": [describe(c.cell_contents, depth + 1) for c in cells]}
+    if hasattr(value, "__dict__") and depth < 8:  # an objective: its public settings, not its weights
+        public = {k: v for k, v in vars(value).items() if not k.startswith("_") and k not in _STATE}
+        return {"type": _name(type(value)), **{k: describe(v, depth + 1) for k, v in sorted(public.items())}}
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(value))
+
+
+# Attributes of an objective that are state filled in while it runs, not settings.
+_STATE = {"model", "reference_model", "reference_cache", "training", "model_spec"}
+
+
+def _name(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def settings_fingerprint(value: Any) -> str:
+    """``config_fingerprint`` of ``describe(value)``."""
+    return hashlib.sha256(json.dumps(describe(value), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class UnlearnCLI(SafeCheckpointCLI):
+    """LightningCLI (loading checkpoints weights-only) whose ``fit`` checkpoints every epoch and
+    resumes from that checkpoint."""
 
     resume_dir: Path | None = None
 

@@ -482,11 +482,6 @@ def test_evaluate_refuses_an_adapter_for_another_base(tmp_path, world_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="needs cli.py's main() to print find_user_error(err) for any exception: jsonargparse "
-    "re-raises a constructor's UserError as a ValueError with a traceback (exit 1)",
-    strict=False,
-)
 def test_fit_config_value_out_of_range_is_one_line(tmp_path, world_dir, tokenizer_dir):
     config = _fit_config(tmp_path, world_dir, tokenizer_dir, retain_per_forget=0)
     assert_user_error(
@@ -506,11 +501,6 @@ def test_fit_unknown_config_key_is_refused_by_the_parser(tmp_path, world_dir, to
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="needs cli.py to build UnlearnCLI on safe_load.SafeCheckpointCLI (or trainer_class=SafeTrainer "
-    "plus its _parse_ckpt_path): today LightningCLI's own weights-only read raises a raw UnpicklingError",
-    strict=False,
-)
 def test_fit_refuses_a_malicious_checkpoint(tmp_path, world_dir, tokenizer_dir):
     marker = tmp_path / "payload_ran"
 

@@ -3,6 +3,7 @@ command ends with what an uninterrupted run writes, bit for bit, and nothing hal
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -104,3 +105,118 @@ def test_fit_killed_mid_epoch_resumes_to_the_uninterrupted_adapter(tmp_path, wor
     done = _run(_fit(changed), killed_dir)
     assert "resuming from" not in done.stdout + done.stderr
     assert len(list((killed_dir / "runs" / "resume").glob("*/last.ckpt"))) == 2
+
+
+def _protocol_config(path: Path) -> Path:
+    """The mini protocol: target and retain fine-tunes, gradient ascent evaluated every epoch,
+    two sequential deletion requests (their own ledger), and an influence row."""
+    adamw = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}
+    config = {
+        "name": "mini", "seed": 0, "out_dir": "runs",
+        "model": {"config": dict(TINY_LLAMA, hidden_size=64, intermediate_size=128)},
+        "data": {"source": "synthetic", "max_length": 64,
+                 "world": {"seed": 1, "n_authors": 10, "n_forget_authors": 1, "n_world_facts": 10,
+                           "n_eval_retain_authors": 3},
+                 "eval_splits": {"forget": "forget10_perturbed", "retain": "retain_perturbed",
+                                 "holdout": "holdout10"}},
+        "finetune": {"objective": {"class_path": "lightning_unlearn.objectives.FineTune", "init_args": {
+            "optimizer": {**adamw, "init_args": {"lr": 3e-3}}}}, "max_epochs": 12, "batch_size": 16},
+        "objectives": {
+            "ga": {"objective": {"class_path": "lightning_unlearn.objectives.GradAscent",
+                                 "init_args": {"optimizer": adamw}},
+                   "max_epochs": 2, "batch_size": 4, "eval_every_n_epochs": 1},
+            "seq": {"objective": {"class_path": "lightning_unlearn.objectives.GradDiff", "init_args": {
+                "adapter": {"r": 4, "alpha": 8}, "optimizer": {**adamw, "init_args": {"lr": 1e-2}}}},
+                    "batch_size": 4, "sequential": {"requests": 2, "epochs_per_request": 2}},
+            "infl": {"objective": {"class_path": "lightning_unlearn.objectives.InfluenceStep",
+                                   "init_args": {"damping": 0.05, "max_iter": 30}},
+                     "batch_size": 32,
+                     "adapter_fit": {"objective": {"class_path": "lightning_unlearn.objectives.FineTune",
+                                                   "init_args": {"adapter": {"r": 1, "alpha": 2,
+                                                                             "target_modules": ["q_proj", "v_proj"]},
+                                                                 "optimizer": {**adamw, "init_args": {"lr": 1e-2}}}},
+                                     "max_epochs": 3, "batch_size": 16}},
+        },
+        "evaluation": {"batch_size": 32, "max_new_tokens": 8},
+        "trainer": {"enable_progress_bar": False},
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # objectives run in this order
+    return path
+
+
+def _outputs(run: Path) -> dict[str, object]:
+    """Every file a protocol run leaves that must not depend on when it ran: weights, split
+    files, reports, histories (JSON without its wall-clock keys); not logs, ledgers (they hold
+    start and end times) or figures."""
+    skip = ("logs", "ledger.jsonl", "continual.json", "request.json", "fusion.json")
+    out: dict[str, object] = {}
+    for p in sorted(run.rglob("*")):
+        if not p.is_file() or any(s in p.parts or p.name == s for s in skip):
+            continue
+        if p.suffix == ".json":  # a JSON document, or JSON Lines (the split files)
+            text = p.read_text()
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = [json.loads(line) for line in text.splitlines()]
+            out[str(p.relative_to(run))] = _timeless(value)
+        elif p.suffix in (".safetensors", ".md"):
+            out[str(p.relative_to(run))] = p.read_bytes()
+    return out
+
+
+def _timeless(value: object) -> object:
+    """``value`` without wall-clock entries; peft's ``target_modules`` (a set it writes in hash
+    order, which differs between processes) sorted."""
+    if isinstance(value, dict):
+        return {
+            k: sorted(v) if k == "target_modules" and isinstance(v, list) else _timeless(v)
+            for k, v in value.items()
+            if "time" not in k and "seconds" not in k
+        }
+    if isinstance(value, list):
+        return [_timeless(v) for v in value]
+    return value
+
+
+def test_protocol_is_deterministic_and_resumes_after_a_kill(tmp_path):
+    """The protocol twice with the same config writes the same bytes (weights, reports); killed
+    mid-way through the sequential stage and rerun, it keeps the finished stages and ends with
+    the same bytes again."""
+    runs = {}
+    for name in ("first", "second", "killed"):
+        (tmp_path / name).mkdir()
+        config = _protocol_config(tmp_path / name / "mini.yaml")
+        command = [sys.executable, "-m", "lightning_unlearn", "protocol", "--config", str(config)]
+        run = tmp_path / name / "runs" / "mini"
+        if name == "killed":
+            request0 = run / "sequential" / "seq" / "requests" / "0"
+            _kill_when(command, tmp_path / name, request0.is_dir)
+            assert (run / "reports" / "ga" / "report.json").is_file() and not (
+                run / "models" / "seq"
+            ).exists()
+            assert not (run / "report.json").exists()  # nothing that looks finished
+            done = _run(command, tmp_path / name)
+            for kept in ("retain", "finetuned", "ga"):
+                assert f"{kept}: done before, kept" in done.stdout
+            assert "seq: training" in done.stdout and "infl: training" in done.stdout
+        else:
+            _run(command, tmp_path / name)
+        runs[name] = _outputs(run)
+    assert "models/seq/model.safetensors" in runs["first"] and "histories/ga.json" in runs["first"]
+    assert "report.json" in runs["first"] and "models/infl_adapter/adapter_model.safetensors" in runs["first"]
+    for name in ("second", "killed"):
+        assert runs[name].keys() == runs["first"].keys()
+        different = {
+            k: (runs["first"][k], runs[name][k]) for k in runs["first"] if runs[name][k] != runs["first"][k]
+        }
+        assert not different, f"{name}: {str(different)[:3000]}"
+
+    # Another setting in the same run directory is refused before anything is touched.
+    config = tmp_path / "killed" / "mini.yaml"
+    config.write_text(config.read_text().replace("max_epochs: 12", "max_epochs: 11"))
+    command = [sys.executable, "-m", "lightning_unlearn", "protocol", "--config", str(config)]
+    done = subprocess.run(command, cwd=tmp_path / "killed", env=_env(), capture_output=True, text=True)
+    assert done.returncode == 2 and "holds a run of other settings" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert _outputs(tmp_path / "killed" / "runs" / "mini") == runs["killed"]
