@@ -220,6 +220,8 @@ class SequentialForgetting(Callback):
         torch.manual_seed(self.seed * 1_000_003 + k)
         if self.mode == "independent":
             reset_lora_(pl_module.model)
+            if hasattr(pl_module, "forget_last_good"):
+                pl_module.forget_last_good()
         for optimizer in trainer.optimizers:
             optimizer.state.clear()
         if getattr(pl_module, "reference_policy", None) == "cached" and pl_module.reference_cache:

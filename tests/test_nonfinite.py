@@ -264,9 +264,11 @@ def test_diverging_gradient_ascent_exits_2_with_the_last_good_adapter(tmp_path, 
     ids=["negative_lr", "bad_beta"],
 )
 def test_bad_optimizer_argument_is_a_one_line_user_error(
-    tmp_path, world_dir, tokenizer_dir, capsys, init_args, expected
+    tmp_path, world_dir, tokenizer_dir, capsys, monkeypatch, init_args, expected
 ):
     from lightning_unlearn.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the CLI writes config.yaml and runs/ where it runs
 
     config = _config(
         tmp_path, world_dir, tokenizer_dir, {"class_path": "lightning_unlearn.objectives.GradAscent"},

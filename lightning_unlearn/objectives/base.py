@@ -234,6 +234,11 @@ class UnlearningObjective(LightningModule):
     def on_fit_end(self) -> None:
         self._last_good, self._last_good_step = {}, None  # free the copy (a whole model when full FT)
 
+    def forget_last_good(self) -> None:
+        """The trainable weights were replaced (a new deletion request's adapter): the snapshot
+        is no fallback for them, so a non-finite first step writes nothing."""
+        self._last_good_step = None
+
     def on_validation_start(self) -> None:
         self._ensure_reference_cache()
 
