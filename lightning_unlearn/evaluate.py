@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning_unlearn.data.datamodule import check_at_least
 from lightning_unlearn.data.formatting import PromptFormat
 from lightning_unlearn.evaluation import Evaluator, load_eval_splits
 from lightning_unlearn.models import ModelSpec, load_adapter, load_model, load_spec_tokenizer
@@ -53,6 +54,12 @@ class EvaluateCommand:
     dtype: str = "float32"
     cosine_model: str | None = None
     nli_model: str | None = None
+
+    def __post_init__(self) -> None:
+        check_at_least(
+            1, "evaluate", limit=self.limit, batch_size=self.batch_size, max_length=self.max_length
+        )
+        check_at_least(0, "evaluate", max_new_tokens=self.max_new_tokens)
 
     def tokenizer_path(self) -> str:
         if self.tokenizer:

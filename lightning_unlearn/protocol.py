@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from lightning_unlearn.callbacks import ForgetRequest, SequentialForgetting, UnlearningEvaluation
 from lightning_unlearn.callbacks.sequential import request_metrics
-from lightning_unlearn.data.datamodule import FineTuneDataModule, UnlearningDataModule
+from lightning_unlearn.data.datamodule import FineTuneDataModule, UnlearningDataModule, check_at_least
 from lightning_unlearn.data.edits import InfluenceDataModule
 from lightning_unlearn.data.formatting import PromptFormat
 from lightning_unlearn.data.records import check_disjoint
@@ -85,6 +85,11 @@ class DataSettings:
     max_length: int = 256
     refusals: str = "builtin"
 
+    def __post_init__(self) -> None:
+        check_at_least(
+            1, retain_limit=self.retain_limit, eval_limit=self.eval_limit, max_length=self.max_length
+        )
+
 
 @dataclass
 class SequentialSettings:
@@ -133,6 +138,9 @@ class Stage:
     adapter_fit: AdapterFit | None = None
 
     def __post_init__(self) -> None:
+        check_at_least(1, "stage", max_epochs=self.max_epochs, batch_size=self.batch_size)
+        check_at_least(1, "stage", retain_per_forget=self.retain_per_forget)
+        check_at_least(1, "stage", eval_every_n_epochs=self.eval_every_n_epochs)
         if isinstance(self.objective, InfluenceStep):
             if self.adapter_fit is None:
                 raise UserError("an InfluenceStep stage needs adapter_fit: the LoRA fine-tune it edits")
@@ -151,6 +159,10 @@ class EvalSettings:
     max_new_tokens: int = 200
     cosine_model: str | None = None
     nli_model: str | None = None
+
+    def __post_init__(self) -> None:
+        check_at_least(1, "evaluation", batch_size=self.batch_size)
+        check_at_least(0, "evaluation", max_new_tokens=self.max_new_tokens)
 
 
 class Protocol:

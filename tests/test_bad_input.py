@@ -29,7 +29,9 @@ from lightning_unlearn.data.records import check_disjoint, load_records
 from lightning_unlearn.data.synthetic import WorldConfig, generate_world
 from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.errors import ConfigError, UserError, find_user_error
+from lightning_unlearn.evaluate import EvaluateCommand
 from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_model
+from lightning_unlearn.protocol import DataSettings, EvalSettings, Stage
 
 # -- the record loader never fails with anything but UserError -----------------------------------
 
@@ -243,6 +245,10 @@ def test_a_prompt_longer_than_max_length_names_file_and_record(tmp_path, tokeniz
         (lambda: InfluenceDataModule(tokenizer="t", removed_split="f", batch_size=0), "data.batch_size must be at least 1"),
         (lambda: generate_world(WorldConfig(n_authors=10, n_forget_authors=10)), "data.world.n_forget_authors must be between 1 and data.world.n_authors - 1 .*smaller than the data"),
         (lambda: generate_world(WorldConfig(n_perturbed=0)), "data.world.n_perturbed must be between 1 and"),
+        (lambda: DataSettings(eval_limit=-3), "data.eval_limit must be at least 1, got -3"),
+        (lambda: Stage(max_epochs=0), "stage.max_epochs must be at least 1, got 0"),
+        (lambda: EvalSettings(batch_size=0), "evaluation.batch_size must be at least 1, got 0"),
+        (lambda: EvaluateCommand(model="m", limit=0), "evaluate.limit must be at least 1, got 0"),
     ],
 )  # fmt: skip
 def test_impossible_config_values_name_their_key(make, message):

@@ -220,3 +220,75 @@ def test_protocol_is_deterministic_and_resumes_after_a_kill(tmp_path):
     assert done.returncode == 2 and "holds a run of other settings" in done.stderr
     assert "Traceback" not in done.stderr
     assert _outputs(tmp_path / "killed" / "runs" / "mini") == runs["killed"]
+
+
+def test_influence_and_evaluate_killed_then_rerun_write_the_uninterrupted_outputs(
+    tmp_path, world_dir, tokenizer_dir
+):
+    """The influence step (one solve) and evaluate write nothing until they finish, atomically:
+    killed after the solve but before the export, or in the middle of scoring, the same command
+    again writes exactly what an uninterrupted run does."""
+    from lightning_unlearn.data.tofu import load_split
+    from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model
+
+    torch.manual_seed(0)
+    base = load_model(ModelSpec(config=dict(TINY_LLAMA), tokenizer=tokenizer_dir))
+    base.save_pretrained(tmp_path / "base")  # what evaluate scores, with the edited adapter
+    model = attach_lora(base, LoraSpec(r=1, alpha=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    source = tmp_path / "source"
+    source.mkdir()
+    forget = load_split(str(world_dir), "forget10")
+    rows = load_split(str(world_dir), "retain90")[:12] + forget[:4]
+    (source / "train.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (source / "removed.json").write_text("".join(json.dumps(r) + "\n" for r in forget[:2]))
+
+    outputs = {}
+    for name in ("whole", "killed"):
+        work = tmp_path / name
+        work.mkdir()
+        config = {
+            "seed_everything": 0,
+            "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False,
+                        "enable_progress_bar": False, "callbacks": [{"class_path": "helpers.PauseAt"}]},
+            "model": {"class_path": "lightning_unlearn.objectives.InfluenceStep", "init_args": {
+                "model": {"config": dict(TINY_LLAMA), "tokenizer": tokenizer_dir},
+                "adapter_dir": str(tmp_path / "adapter"), "damping": 0.5, "tol": 1e-8, "max_iter": 100,
+                "out_dir": "edited"}},
+            "data": {"class_path": "lightning_unlearn.data.edits.InfluenceDataModule", "init_args": {
+                "tokenizer": tokenizer_dir, "source": str(source), "train_split": "train",
+                "removed_split": "removed", "max_length": 64, "batch_size": 4}},
+        }  # fmt: skip
+        (work / "influence.yaml").write_text(yaml.safe_dump(config))
+        fit = _fit(work / "influence.yaml")
+        evaluate = [sys.executable, "-m", "lightning_unlearn", "evaluate", "--model", str(tmp_path / "base"),
+                    "--adapter", "edited", "--tokenizer", tokenizer_dir,
+                    "--source", str(world_dir), "--splits", '{"forget": "forget10_perturbed"}',
+                    "--max_new_tokens", "8", "--max_length", "64", "--batch_size", "2", "--out_dir", "report"]  # fmt: skip
+        if name == "killed":
+            marker = work / "solved"
+            _kill_when(fit, work, marker.exists, LU_PAUSE_AT_STEP="0", LU_PAUSE_MARKER=str(marker))
+            assert not (work / "edited").exists()
+            _run(fit, work)
+            log = work / "evaluate.log"
+            with log.open("w") as stderr:  # killed once scoring has begun
+                process = subprocess.Popen(evaluate, cwd=work, env=_env(), stderr=stderr)
+                while "forget" not in log.read_text():
+                    assert process.poll() is None, log.read_text()[-3000:]
+                    time.sleep(0.02)
+                process.send_signal(signal.SIGKILL)
+                assert process.wait() == -signal.SIGKILL
+            assert not (work / "report").exists()
+        else:
+            _run(fit, work)
+        _run(evaluate, work)
+        outputs[name] = {
+            "adapter": (work / "edited" / "adapter_model.safetensors").read_bytes(),
+            "report": json.loads((work / "report" / "report.json").read_text()),
+        }
+    assert outputs["killed"] == outputs["whole"]
+    assert outputs["whole"]["report"]["metrics"]["forget_Q_A_Prob"] > 0

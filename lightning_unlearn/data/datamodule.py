@@ -22,11 +22,12 @@ from lightning_unlearn.distributed import shard_indices
 from lightning_unlearn.errors import ConfigError, UserError
 
 
-def check_at_least(minimum: int, **values: int) -> None:
-    """Refuse a data-module argument below ``minimum``, naming its config key (``data.<key>``)."""
+def check_at_least(minimum: int, section: str = "data", **values: int | None) -> None:
+    """Refuse a setting below ``minimum`` (None: unset, allowed), naming its config key
+    (``<section>.<key>``)."""
     for key, value in values.items():
-        if value < minimum:
-            raise ConfigError(f"data.{key} must be at least {minimum}, got {value}")
+        if value is not None and value < minimum:
+            raise ConfigError(f"{section}.{key} must be at least {minimum}, got {value}")
 
 
 def encode_records(

@@ -247,17 +247,18 @@ class UnlearningObjective(LightningModule):
 
     @property
     def strict_loading(self) -> bool:
-        # With an adapter a checkpoint holds the trainable tensors only (on_save_checkpoint).
-        return self.adapter_spec is None
+        # A checkpoint holds the trainable tensors only (on_save_checkpoint); on_load_checkpoint
+        # checks that every one of them is there.
+        return False
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A resumed run must not recompute the cache from weights that have already moved.
         checkpoint["reference_cache"] = {k: v.cpu() for k, v in self.reference_cache.items()}
-        if self.adapter_spec is not None:
-            # The frozen base is the model_spec's, unchanged: keep only what training changes,
-            # so an epoch's checkpoint of a LoRA run is megabytes, not the whole model.
-            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # Frozen tensors (a LoRA's base, a copied reference, InfluenceStep's base) are the
+        # model_spec's, rebuilt by configure_model: keep only what training changes, so an
+        # epoch's checkpoint of a LoRA run is megabytes, not the whole model.
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.reference_cache = dict(checkpoint.get("reference_cache", {}))
