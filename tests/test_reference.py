@@ -64,8 +64,10 @@ def test_default_policy_is_the_cheapest_exact_one(tiny_spec):
 def test_cache_survives_a_checkpoint(tiny_spec, unlearning_data):
     npo = _npo(tiny_spec)
     npo.build_reference_cache(unlearning_data)
-    checkpoint: dict = {}
+    checkpoint: dict = {"state_dict": npo.state_dict()}
     npo.on_save_checkpoint(checkpoint)
+    # Only what training changes is kept (the frozen copy the reference would need is rebuilt).
+    assert set(checkpoint["state_dict"]) == {n for n, p in npo.named_parameters() if p.requires_grad}
     resumed = _npo(tiny_spec)
     resumed.on_load_checkpoint(checkpoint)
     torch.testing.assert_close(

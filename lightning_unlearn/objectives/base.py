@@ -258,7 +258,8 @@ class UnlearningObjective(LightningModule):
         # model_spec's, rebuilt by configure_model: keep only what training changes, so an
         # epoch's checkpoint of a LoRA run is megabytes, not the whole model.
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        state = checkpoint.get("state_dict", {})
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.reference_cache = dict(checkpoint.get("reference_cache", {}))
