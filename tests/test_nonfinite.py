@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_LLAMA
+from helpers import forget10_data
 from peft import PeftModel
 from safetensors.torch import load_file
 from torch import Tensor
@@ -203,17 +204,7 @@ def _config(tmp_path: Path, world_dir: Path, tokenizer_dir: str, objective: dict
                 **{"adapter": LORA, **objective.get("init_args", {})},
             },
         },
-        "data": {
-            "class_path": "lightning_unlearn.data.datamodule.UnlearningDataModule",
-            "init_args": {
-                "tokenizer": tokenizer_dir,
-                "source": str(world_dir),
-                "forget_split": "forget10",
-                "retain_split": "retain90",
-                "batch_size": batch_size,
-                "max_length": 64,
-            },
-        },
+        "data": forget10_data(world_dir, tokenizer_dir, batch_size),
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
