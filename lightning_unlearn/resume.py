@@ -97,7 +97,8 @@ class UnlearnCLI(SafeCheckpointCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         self.resume_dir = None
         wanted = self.subcommand == "fit" and config.get("enable_checkpointing", True) is not False
-        given = list(callbacks) + list(config.get("callbacks") or [])
+        configured = config.get("callbacks") or []
+        given = [*callbacks, *(configured if isinstance(configured, list) else [configured])]
         if wanted and not any(_owns_resume(c) for c in given):
             root = Path(config.get("default_root_dir") or ".")
             self.resume_dir = (
