@@ -35,9 +35,12 @@ RESUME_FILE = "last"
 
 def config_fingerprint(config: dict[str, Any]) -> str:
     """A short stable hash of a resolved config, without the keys that name files, not settings."""
-    settings = {k: v for k, v in config.items() if k not in ("config", "ckpt_path")}
-    text = json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _digest({k: v for k, v in config.items() if k not in ("config", "ckpt_path")})
+
+
+def _digest(value: Any) -> str:
+    """The first 16 hex digits of the sha256 of ``value`` as sorted JSON."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def describe(value: Any, depth: int = 0) -> Any:
@@ -84,8 +87,8 @@ def _name(obj: Any) -> str:
 
 
 def settings_fingerprint(value: Any) -> str:
-    """``config_fingerprint`` of ``describe(value)``."""
-    return hashlib.sha256(json.dumps(describe(value), sort_keys=True).encode()).hexdigest()[:16]
+    """The same short hash as ``config_fingerprint``, of ``describe(value)``."""
+    return _digest(describe(value))
 
 
 class UnlearnCLI(SafeCheckpointCLI):

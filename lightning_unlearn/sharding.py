@@ -76,3 +76,10 @@ def set_full_(param: torch.Tensor, full: torch.Tensor) -> None:
             param.to_local().copy_(shard.to_local())
         else:
             param.copy_(full)
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (shares its storage), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -32,7 +32,7 @@ from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory
 from lightning_unlearn.losses import kl_divergence, label_mask, nll_loss, sequence_logprob
 from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model, load_spec_tokenizer
-from lightning_unlearn.sharding import full_state_dict, fully_shard_model, is_sharded
+from lightning_unlearn.sharding import full_state_dict, fully_shard_model, is_sharded, local_shard
 
 REFERENCE_POLICIES = ("adapter_off", "cached", "copy")
 # A loss's kind of non-finiteness, ordered so a max over ranks reports the worst: nan beats inf.
@@ -51,13 +51,6 @@ class NonFiniteLoss(UserError):
     def __init__(self, message: str, step: int, last_good_step: int | None, directory: Path | None) -> None:
         super().__init__(message)
         self.step, self.last_good_step, self.directory = step, last_good_step, directory
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """This rank's shard of an FSDP2 DTensor (shares its storage), or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class UnlearningObjective(LightningModule):
@@ -257,13 +250,13 @@ class UnlearningObjective(LightningModule):
         # Frozen tensors (a LoRA's base, a copied reference, InfluenceStep's base) are the
         # model_spec's, rebuilt by configure_model: keep only what training changes, so an
         # epoch's checkpoint of a LoRA run is megabytes, not the whole model.
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable = {name for name, _ in self._trainable()}
         state = checkpoint.get("state_dict", {})
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.reference_cache = dict(checkpoint.get("reference_cache", {}))
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        trainable = {name for name, _ in self._trainable()}
         missing = sorted(trainable - set(checkpoint.get("state_dict", {})))
         if missing:
             raise UserError(
@@ -367,7 +360,7 @@ class UnlearningObjective(LightningModule):
             return
         with torch.no_grad():
             for name, param in self._trainable():
-                local, kept = _local(param), self._last_good.get(name)
+                local, kept = local_shard(param), self._last_good.get(name)
                 if kept is not None and kept.shape == local.shape and kept.dtype == local.dtype:
                     kept.copy_(local)
                 else:
@@ -435,7 +428,7 @@ class UnlearningObjective(LightningModule):
                 module.reshard()
         with torch.no_grad():
             for name, param in self._trainable():
-                local = _local(param)
+                local = local_shard(param)
                 if name not in self._last_good or self._last_good[name].shape != local.shape:
                     raise RuntimeError(f"last good snapshot does not fit parameter {name}")
                 local.copy_(self._last_good[name])
