@@ -1,9 +1,12 @@
-"""Every unlearning loss as a pure function of tensors (DESIGN section 5).
+"""Every unlearning loss as a pure function of tensors.
 
 Conventions: logits are ``[B, T, V]``, labels ``[B, T]`` with -100 on tokens that are not scored,
-and position t's logits predict label t+1. Every reduction is a mean over the batch so that DDP's
-gradient averaging yields the global mean: a mean over sequences as it is (every rank has as many
-rows), a mean over tokens through ``num_tokens`` (the mean token count per rank, see ``_token_mean``).
+and position t's logits predict label t+1. Logits may be a tensor or a lazy ``Logits`` source
+(``lightning_unlearn.logits``): every loss reads them only at the positions it scores, through
+``Logits.values``, so a source built from hidden states never materialises the rest. Every
+reduction is a mean over the batch so that DDP's gradient averaging yields the global mean: a
+mean over sequences as it is (every rank has as many rows), a mean over tokens through
+``num_tokens`` (the mean token count per rank, see ``_token_mean``).
 """
 
 from __future__ import annotations
@@ -14,11 +17,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_unlearn.logits import Logits, as_logits
+
 IGNORE_INDEX = -100
 
 
-def _shift(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    return logits[:, :-1, :], labels[:, 1:]
+def next_labels(labels: Tensor) -> Tensor:
+    """The label each logits position predicts, ``[B, T]``: labels shifted left, the last
+    position (which predicts nothing) -100."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _unshift(mask: Tensor) -> Tensor:
+    # A ``[B, T-1]`` mask over shifted positions as a ``[B, T]`` mask over logits positions.
+    return F.pad(mask, (0, 1), value=False)
+
+
+# -- functions of logit rows [n, V]: each loss's per-position value, for ``Logits.values`` --------
+
+
+def _float(rows: Tensor) -> Tensor:
+    # Half precision is upcast to float32; float64 stays (the influence tests use exact solves).
+    return rows.to(torch.promote_types(rows.dtype, torch.float32))
+
+
+def row_logprob(rows: Tensor, targets: Tensor) -> Tensor:
+    """log p(target) of each row, through the fused cross-entropy kernel (no materialised
+    log-softmax, which matters at a 50k vocabulary)."""
+    return -F.cross_entropy(_float(rows), targets, reduction="none")
+
+
+def row_uniform_kl(rows: Tensor) -> Tensor:
+    """KL(U || p) of each row: -log V - mean_v log p_v = logsumexp(z) - mean(z) - log V."""
+    rows = _float(rows)
+    return torch.logsumexp(rows, -1) - rows.mean(-1) - math.log(rows.size(-1))
 
 
 def label_mask(labels: Tensor) -> Tensor:
@@ -36,39 +68,29 @@ def _token_mean(values: Tensor, mask: Tensor, num_tokens: Tensor | float | None)
     return (values * mask).sum() / denominator
 
 
-def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def token_logprobs(logits: Tensor | Logits, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Log-probability of each label token, ``(logp [B, T-1], mask [B, T-1])``; 0 where masked.
 
-    Uses the fused cross-entropy kernel rather than a materialised log-softmax, which matters at
-    a 50k vocabulary. Half-precision logits are upcast to float32; float64 stays float64 (the
-    influence tests compare against exact solves).
-    """
-    shift_logits, shift_labels = _shift(logits, labels)
-    mask = shift_labels != IGNORE_INDEX
-    nll = F.cross_entropy(
-        shift_logits.to(torch.promote_types(shift_logits.dtype, torch.float32)).reshape(
-            -1, shift_logits.size(-1)
-        ),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(shift_labels.shape)
-    return -nll, mask
+    Half-precision logits are upcast to float32; float64 stays float64."""
+    targets = next_labels(labels)
+    positions = targets != IGNORE_INDEX
+    logp = as_logits(logits).values(positions, row_logprob, targets)
+    return logp[:, :-1], positions[:, :-1]
 
 
-def sequence_logprob(logits: Tensor, labels: Tensor) -> Tensor:
+def sequence_logprob(logits: Tensor | Logits, labels: Tensor) -> Tensor:
     """Sum of label-token log-probabilities per sequence, ``[B]`` (no length normalisation)."""
     logp, mask = token_logprobs(logits, labels)
     return (logp * mask).sum(-1)
 
 
-def mean_token_nll(logits: Tensor, labels: Tensor) -> Tensor:
+def mean_token_nll(logits: Tensor | Logits, labels: Tensor) -> Tensor:
     """Per-sequence mean NLL over its label tokens, ``[B]`` (the quantity behind Prob and SimNPO)."""
     logp, mask = token_logprobs(logits, labels)
     return -(logp * mask).sum(-1) / mask.sum(-1).clamp_min(1)
 
 
-def nll_loss(logits: Tensor, labels: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
+def nll_loss(logits: Tensor | Logits, labels: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
     """Mean NLL over all label tokens of the batch (Hugging Face's causal-LM convention); the sum is
     divided by ``num_tokens`` when given (under DDP: the mean token count per rank, so that DDP's
     gradient average is the global token mean whatever the world size)."""
@@ -89,7 +111,7 @@ def max_entropy_positions(labels: Tensor, attention_mask: Tensor | None, positio
 
 
 def max_entropy_loss(
-    logits: Tensor,
+    logits: Tensor | Logits,
     labels: Tensor,
     attention_mask: Tensor | None = None,
     positions: str = "answer",
@@ -97,22 +119,19 @@ def max_entropy_loss(
 ) -> Tensor:
     """KL(U || p) per position, averaged over the chosen positions (closer-look's ME objective).
 
-    KL(U || p) = -log V - (1/V) sum_v log p_v, computed from log_softmax for stability.
+    KL(U || p) = -log V - (1/V) sum_v log p_v, computed as logsumexp(z) - mean(z) - log V.
     ``positions="answer"`` scores the positions that predict label tokens; ``"sequence"`` every
     position that predicts a real (non-padding) token, as closer-look's TOFU runs did.
     ``num_tokens``: the denominator (default: the number of those positions; see ``_token_mean``).
     """
     mask = max_entropy_positions(labels, attention_mask, positions)
-    shift_logits = logits[:, :-1, :]
-    vocab = shift_logits.size(-1)
-    log_p = torch.log_softmax(shift_logits.float(), dim=-1)
-    kl = -math.log(vocab) - log_p.mean(-1)
+    kl = as_logits(logits).values(_unshift(mask), row_uniform_kl)[:, :-1]
     return _token_mean(kl, mask, num_tokens)
 
 
 def kl_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
+    student_logits: Tensor | Logits,
+    teacher_logits: Tensor | Logits,
     mask: Tensor,
     temperature: float = 1.0,
     num_tokens: Tensor | float | None = None,
@@ -120,12 +139,17 @@ def kl_divergence(
     """KL(teacher || student) per position, averaged over the positions where ``mask`` is true
     (divided by ``num_tokens`` when given; see ``_token_mean``).
 
-    Both logits are ``[B, T, V]`` and ``mask`` is ``[B, T]`` over the same positions (callers pass
-    the shifted label mask). No T^2 rescaling: the loss weight already sets the scale.
+    Both logits are ``[B, T, V]`` and ``mask`` is ``[B, T]`` over the same positions (callers
+    scoring labels pass ``label_mask`` padded with a last False column, see ``reference_kl``).
+    The teacher is a fixed target (detached). No T^2 rescaling: the loss weight sets the scale.
     """
-    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+
+    def row_kl(student: Tensor, teacher: Tensor) -> Tensor:
+        log_s = torch.log_softmax(_float(student) / temperature, dim=-1)
+        log_t = torch.log_softmax(_float(teacher) / temperature, dim=-1)
+        return (log_t.exp() * (log_t - log_s)).sum(-1)
+
+    kl = as_logits(student_logits).values(mask, row_kl, teacher=as_logits(teacher_logits))
     return _token_mean(kl, mask, num_tokens)
 
 
@@ -172,27 +196,14 @@ def representation_loss(hidden: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return ((squared * mask).sum(-1) / mask.sum(-1).clamp_min(1)).mean()
 
 
-def _label_index(shift_labels: Tensor) -> tuple[Tensor, Tensor]:
-    # The label ids as a gather/scatter index (``[B, T-1, 1]``; ignored positions point at token 0
-    # and are masked out by the caller) and the mask of scored positions.
-    mask = shift_labels != IGNORE_INDEX
-    return shift_labels.clamp_min(0).unsqueeze(-1), mask
-
-
-def _soft_cross_entropy(
-    logits: Tensor, target_probs: Tensor, mask: Tensor, num_tokens: Tensor | float | None = None
-) -> Tensor:
-    # -sum_v q_v log p_v per position, averaged over the positions where ``mask`` is true.
-    vocab = logits.size(-1)
-    ce = F.cross_entropy(logits.reshape(-1, vocab), target_probs.reshape(-1, vocab), reduction="none").view(
-        mask.shape
-    )
-    return _token_mean(ce, mask, num_tokens)
+def _soft_cross_entropy(rows: Tensor, target_probs: Tensor) -> Tensor:
+    # -sum_v q_v log p_v per row.
+    return F.cross_entropy(_float(rows), target_probs, reduction="none")
 
 
 def undial_loss(
-    logits: Tensor,
-    teacher_logits: Tensor,
+    logits: Tensor | Logits,
+    teacher_logits: Tensor | Logits,
     labels: Tensor,
     beta: float,
     num_tokens: Tensor | float | None = None,
@@ -205,14 +216,22 @@ def undial_loss(
     Open-unlearning averages over *every* position (prompt and padding too, where its index -100
     wraps round to vocabulary id V-100); we score only the label tokens, as every other loss here.
     """
-    shift_logits, shift_labels = _shift(logits, labels)
-    index, mask = _label_index(shift_labels)
-    teacher = teacher_logits[:, :-1, :].detach().float()
-    adjusted = teacher.scatter_add(-1, index, torch.full(index.shape, -float(beta), device=teacher.device))
-    return _soft_cross_entropy(shift_logits.float(), torch.softmax(adjusted, dim=-1), mask, num_tokens)
+    targets = next_labels(labels)
+    positions = targets != IGNORE_INDEX
+
+    def row_undial(student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+        adjusted = _float(teacher).scatter_add(
+            -1, target[:, None], torch.full((target.shape[0], 1), -float(beta), device=teacher.device)
+        )
+        return _soft_cross_entropy(student, torch.softmax(adjusted, dim=-1))
+
+    ce = as_logits(logits).values(positions, row_undial, targets, teacher=as_logits(teacher_logits))
+    return _token_mean(ce[:, :-1], positions[:, :-1], num_tokens)
 
 
-def wga_loss(logits: Tensor, labels: Tensor, beta: float, num_tokens: Tensor | float | None = None) -> Tensor:
+def wga_loss(
+    logits: Tensor | Logits, labels: Tensor, beta: float, num_tokens: Tensor | float | None = None
+) -> Tensor:
     """Weighted gradient ascent (Wang et al., 2025, "Rethinking LLM Unlearning Objectives: A Gradient
     Perspective and Go Beyond"): -mean over label tokens of p_t^beta * NLL_t, the weight detached,
     so tokens the model has already forgotten (small p_t) stop pulling. Open-unlearning's form: the
@@ -223,7 +242,11 @@ def wga_loss(logits: Tensor, labels: Tensor, beta: float, num_tokens: Tensor | f
 
 
 def satimp_loss(
-    logits: Tensor, labels: Tensor, beta1: float, beta2: float, num_tokens: Tensor | float | None = None
+    logits: Tensor | Logits,
+    labels: Tensor,
+    beta1: float,
+    beta2: float,
+    num_tokens: Tensor | float | None = None,
 ) -> Tensor:
     """SatImp (Yang et al., 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM
     Unlearning"): -mean over label tokens of p_t^beta1 * (1 - p_t)^beta2 * NLL_t, the weights
@@ -235,17 +258,22 @@ def satimp_loss(
     return _token_mean(weight * logp, mask, num_tokens)
 
 
-def ce_u_loss(logits: Tensor, labels: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
+def ce_u_loss(logits: Tensor | Logits, labels: Tensor, num_tokens: Tensor | float | None = None) -> Tensor:
     """CE-U (Yang et al., 2025, "CE-U: Cross Entropy Unlearning"): cross-entropy of the model
     against the detached softmax of its own logits with the label token's logit set to -inf,
     averaged over the label tokens of the batch (divided by ``num_tokens`` when given; see
     ``_token_mean``). Its gradient on the logits is p - q: the label token's logit is pushed down
     by p_t, which vanishes once forgotten (no runaway, unlike GA)."""
-    shift_logits, shift_labels = _shift(logits, labels)
-    index, mask = _label_index(shift_labels)
-    logits32 = shift_logits.float()
-    target = torch.softmax(logits32.detach().scatter(-1, index, float("-inf")), dim=-1)
-    return _soft_cross_entropy(logits32, target, mask, num_tokens)
+    targets = next_labels(labels)
+    positions = targets != IGNORE_INDEX
+
+    def row_ce_u(rows: Tensor, target: Tensor) -> Tensor:
+        rows = _float(rows)
+        removed = torch.softmax(rows.detach().scatter(-1, target[:, None], float("-inf")), dim=-1)
+        return _soft_cross_entropy(rows, removed)
+
+    ce = as_logits(logits).values(positions, row_ce_u, targets)
+    return _token_mean(ce[:, :-1], positions[:, :-1], num_tokens)
 
 
 def drop_first_label_tokens(labels: Tensor, n: int) -> Tensor:

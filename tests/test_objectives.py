@@ -91,7 +91,7 @@ def test_reference_is_the_model_before_unlearning(tiny_spec, unlearning_data, po
     # ...and afterwards the reference still returns the original model's logits, not the current ones.
     with torch.no_grad():
         want = original(input_ids=retain["input_ids"], attention_mask=retain["attention_mask"]).logits
-    torch.testing.assert_close(gd.reference_logits(retain), want)
+    torch.testing.assert_close(gd.reference_logits(retain).dense(), want)
     assert not torch.allclose(gd(retain), want, atol=1e-4)
     assert gd.retain_loss(batch).item() > 1e-6
 
@@ -214,8 +214,8 @@ def test_activation_checkpointing_recomputes_layers_and_keeps_the_gradients(tiny
         gd.training_step(batch, 0).backward()
         grads[checkpointing] = {n: p.grad.clone() for n, p in gd.named_parameters() if p.requires_grad}
         calls[checkpointing] = len(count)
-    # forget and retain sub-batches: one forward each, plus one recomputation each when checkpointing
-    assert calls == {False: 2, True: 4}
+    # forget and retain sub-batches share one forward, recomputed once more when checkpointing
+    assert calls == {False: 1, True: 2}
     assert grads[True].keys() == grads[False].keys() and grads[False]
     for name, grad in grads[False].items():
         assert "lora_A" in name or grad.abs().max() > 0  # A's gradient is 0 while B is at its init 0

@@ -30,6 +30,15 @@ from transformers import SchedulerType, get_scheduler
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory
+from lightning_unlearn.logits import (
+    DenseLogits,
+    HeadLogits,
+    Logits,
+    decoder_and_head,
+    model_logits,
+    shared_hidden,
+    softcap,
+)
 from lightning_unlearn.losses import kl_divergence, label_mask, nll_loss, sequence_logprob
 from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model, load_spec_tokenizer
 from lightning_unlearn.sharding import full_state_dict, fully_shard_model, is_sharded, local_shard
@@ -82,6 +91,15 @@ class UnlearningObjective(LightningModule):
     needs_refusals = False
     # Sub-batches whose reference enters the loss only as sequence log-probs: these can be cached.
     cacheable: tuple[str, ...] = ()
+    # The sub-batches forget_loss and retain_loss read through ``logits``: a training step runs
+    # the decoder once over all of those it uses (``shared_hidden``).
+    forget_inputs: tuple[str, ...] = ("forget",)
+    retain_inputs: tuple[str, ...] = ("retain",)
+    # Losses read logits only at the positions they score, through the output layer in chunks of
+    # this many rows (None: sized to a fixed number of logits; see ``lightning_unlearn.logits``).
+    # ``scored_logits = False`` computes full logits instead (the reference path tests compare to).
+    scored_logits = True
+    logit_chunk_rows: int | None = None
 
     def __init__(
         self,
@@ -129,6 +147,8 @@ class UnlearningObjective(LightningModule):
         self.model: torch.nn.Module | None = None
         self.reference_model: torch.nn.Module | None = None
         self.reference_cache: dict[str, Tensor] = {}
+        # This step's decoder outputs by sub-batch (id -> hidden states), from one shared forward.
+        self._step_hidden: dict[int, Tensor] = {}
 
     # -- model -------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -152,21 +172,53 @@ class UnlearningObjective(LightningModule):
                 fully_shard_model(self.reference_model, mesh)
 
     def forward(self, sub_batch: dict[str, Tensor]) -> Tensor:
+        """Full ``[B, T, V]`` logits. Losses read ``logits`` instead, which never builds them."""
         return self.model(input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"]).logits
 
+    def logits(self, sub_batch: dict[str, Tensor]) -> Logits:
+        """The model's logits on ``sub_batch``, computed only where a loss reads them (a step's
+        shared forward is reused when it covered this sub-batch)."""
+        hidden = self._step_hidden.get(id(sub_batch))
+        if hidden is not None:
+            return HeadLogits(
+                hidden, decoder_and_head(self.model)[1], softcap(self.model), self.logit_chunk_rows
+            )
+        return self._model_logits(self.model, sub_batch)
+
+    def _model_logits(self, model: torch.nn.Module, sub_batch: dict[str, Tensor]) -> Logits:
+        if not self.scored_logits:
+            return DenseLogits(
+                model(input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"]).logits
+            )
+        return model_logits(model, sub_batch, self.logit_chunk_rows)
+
     @torch.no_grad()
-    def reference_logits(self, sub_batch: dict[str, Tensor]) -> Tensor:
+    def reference_logits(self, sub_batch: dict[str, Tensor]) -> Logits:
         """Logits of the model being unlearned as it was before unlearning started."""
         if self.reference_model is not None:
-            return self.reference_model(
-                input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"]
-            ).logits
+            return self._model_logits(self.reference_model, sub_batch)
         if self.adapter_spec is None:
             raise RuntimeError(
                 f"{type(self).__name__}: the '{self.reference_policy}' reference has no logits"
             )
         with self.model.disable_adapter():
-            return self(sub_batch)
+            head = decoder_and_head(self.model)[1]
+            if head is not None and any("lora_" in name for name, _ in head.named_parameters()):
+                return DenseLogits(self(sub_batch))  # an adapted head must run with its adapter off
+            return self._model_logits(self.model, sub_batch)
+
+    def share_forward(self, batch: dict, stage: str) -> None:
+        """Run the decoder once over every sub-batch this step's terms read (see ``shared_hidden``)."""
+        use_forget, use_retain = self.active_terms(stage)
+        names = (self.forget_inputs if use_forget else ()) + (
+            self.retain_inputs if use_retain and self.retain_weight > 0 else ()
+        )
+        subs = [batch[name] for name in dict.fromkeys(names) if isinstance(batch.get(name), dict)]
+        if len(subs) < 2 or not self.scored_logits:
+            return
+        hidden = shared_hidden(self.model, subs)
+        if hidden is not None:
+            self._step_hidden = {id(sub): h for sub, h in zip(subs, hidden, strict=True)}
 
     def reference_logprob(self, name: str, sub_batch: dict[str, Tensor]) -> Tensor:
         """Sequence log-probs ``[B]`` of sub-batch ``name`` under the reference, from the cache
@@ -198,8 +250,7 @@ class UnlearningObjective(LightningModule):
                     # Fit has not updated the weights yet, so without an adapter they are the target.
                     adapter_off = self.model.disable_adapter() if self.adapter_spec else nullcontext()
                     with precision, adapter_off:
-                        logits = self(sub)
-                    logp = sequence_logprob(logits, sub["labels"]).double()
+                        logp = sequence_logprob(self.logits(sub), sub["labels"]).double()
                     values.index_add_(0, sub["index"], logp)
                     counts.index_add_(0, sub["index"], torch.ones_like(logp))
                 if trainer is not None and world > 1:
@@ -264,13 +315,15 @@ class UnlearningObjective(LightningModule):
                 f"e.g. '{missing[0]}'): it was written by another model or adapter configuration"
             )
 
-    def reference_kl(self, sub_batch: dict[str, Tensor], logits: Tensor | None = None) -> Tensor:
+    def reference_kl(self, sub_batch: dict[str, Tensor], logits: Logits | None = None) -> Tensor:
         """KL(reference || model) per scored position, averaged over the label tokens of the global
         batch (see ``token_count``); ``logits`` are the model's, when the caller already has them."""
-        logits = self(sub_batch) if logits is None else logits
+        logits = self.logits(sub_batch) if logits is None else logits
         mask = label_mask(sub_batch["labels"])
-        reference = self.reference_logits(sub_batch)[:, :-1]
-        return kl_divergence(logits[:, :-1], reference, mask, num_tokens=self.token_count(mask))
+        positions = torch.nn.functional.pad(mask, (0, 1), value=False)
+        return kl_divergence(
+            logits, self.reference_logits(sub_batch), positions, num_tokens=self.token_count(mask)
+        )
 
     def sub_batch(self, batch: dict, name: str) -> dict[str, Tensor]:
         """``batch[name]``, or a clear error saying how to get it."""
@@ -290,7 +343,7 @@ class UnlearningObjective(LightningModule):
             return None
         return trainer.strategy.reduce(mask.sum().float(), reduce_op="mean").clamp_min(1)
 
-    def nll(self, logits: Tensor, labels: Tensor) -> Tensor:
+    def nll(self, logits: Tensor | Logits, labels: Tensor) -> Tensor:
         """NLL averaged over the label tokens of the global batch (see ``token_count``)."""
         return nll_loss(logits, labels, num_tokens=self.token_count(label_mask(labels)))
 
@@ -300,7 +353,7 @@ class UnlearningObjective(LightningModule):
 
     def retain_loss(self, batch: dict) -> Tensor:
         """NLL on the retain answers: the retain term of most objectives (DESIGN section 4)."""
-        return self.nll(self(batch["retain"]), batch["retain"]["labels"])
+        return self.nll(self.logits(batch["retain"]), batch["retain"]["labels"])
 
     def log_term(self, stage: str, name: str, value: Tensor) -> None:
         """Log ``stage/name``: on the progress bar while training; averaged over ranks for val/test,
@@ -313,6 +366,13 @@ class UnlearningObjective(LightningModule):
 
     def step(self, batch: dict, stage: str) -> Tensor:
         """The objective on one batch, each term logged under ``stage/`` (train, val or test)."""
+        self.share_forward(batch, stage)
+        try:
+            return self._compose(batch, stage)
+        finally:
+            self._step_hidden = {}
+
+    def _compose(self, batch: dict, stage: str) -> Tensor:
         use_forget, use_retain = self.active_terms(stage)
         loss = torch.zeros((), device=self.device)
         if use_forget:
@@ -341,7 +401,7 @@ class UnlearningObjective(LightningModule):
         # Plain NLL of each sub-batch: comparable across objectives, unlike their losses.
         for name, sub in batch.items():
             if isinstance(sub, dict):
-                self.log_term(stage, f"{name}_nll", self.nll(self(sub), sub["labels"]))
+                self.log_term(stage, f"{name}_nll", self.nll(self.logits(sub), sub["labels"]))
 
     def on_train_epoch_start(self) -> None:
         # New retain partners each epoch, identical on every rank (see UnlearningDataModule).

@@ -42,4 +42,4 @@ class CEU(UnlearningObjective):
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
         labels = drop_first_label_tokens(forget["labels"], self.ignore_first_n_answer_tokens)
-        return ce_u_loss(self(forget), labels, num_tokens=self.token_count(label_mask(labels)))
+        return ce_u_loss(self.logits(forget), labels, num_tokens=self.token_count(label_mask(labels)))

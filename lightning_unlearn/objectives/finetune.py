@@ -11,6 +11,6 @@ class FineTune(UnlearningObjective):
     """Next-token NLL on plain batches of one split (``FineTuneDataModule``)."""
 
     def step(self, batch: dict, stage: str) -> Tensor:
-        loss = self.nll(self(batch), batch["labels"])
+        loss = self.nll(self.logits(batch), batch["labels"])
         self.log_term(stage, "loss", loss)
         return loss

@@ -15,7 +15,7 @@ class GradAscent(UnlearningObjective):
         super().__init__(*args, retain_weight=retain_weight, **kwargs)
 
     def forget_loss(self, batch: dict) -> Tensor:
-        return -self.nll(self(batch["forget"]), batch["forget"]["labels"])
+        return -self.nll(self.logits(batch["forget"]), batch["forget"]["labels"])
 
 
 class GradDiff(GradAscent):

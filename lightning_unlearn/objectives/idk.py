@@ -18,10 +18,11 @@ class IdkNLL(UnlearningObjective):
     """NLL of a refusal on each forget question, plus NLL on retain."""
 
     needs_refusals = True
+    forget_inputs = ("forget_idk",)
 
     def forget_loss(self, batch: dict) -> Tensor:
         idk = self.sub_batch(batch, "forget_idk")
-        return self.nll(self(idk), idk["labels"])
+        return self.nll(self.logits(idk), idk["labels"])
 
 
 class IdkAP(IdkNLL):
@@ -30,14 +31,16 @@ class IdkAP(IdkNLL):
     log p(refusal))) on retain questions: it needs no reference model, and it replaces the retain
     NLL rather than adding to it, as in closer-look's ``IDK+AP``."""
 
+    retain_inputs = ("retain", "retain_idk")
+
     def __init__(self, *args, beta: float = 0.1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.beta = beta
 
     def retain_loss(self, batch: dict) -> Tensor:
         retain, idk = batch["retain"], self.sub_batch(batch, "retain_idk")
-        answer = sequence_logprob(self(retain), retain["labels"])
-        refusal = sequence_logprob(self(idk), idk["labels"])
+        answer = sequence_logprob(self.logits(retain), retain["labels"])
+        refusal = sequence_logprob(self.logits(idk), idk["labels"])
         return answer_preservation_loss(answer, refusal, self.beta)
 
 
@@ -48,6 +51,7 @@ class IdkDPO(UnlearningObjective):
     uses_reference = True
     needs_refusals = True
     cacheable = ("forget", "forget_idk")
+    forget_inputs = ("forget", "forget_idk")
 
     def __init__(self, *args, beta: float = 0.1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -55,8 +59,8 @@ class IdkDPO(UnlearningObjective):
 
     def forget_loss(self, batch: dict) -> Tensor:
         forget, idk = batch["forget"], self.sub_batch(batch, "forget_idk")
-        chosen = sequence_logprob(self(idk), idk["labels"])
-        rejected = sequence_logprob(self(forget), forget["labels"])
+        chosen = sequence_logprob(self.logits(idk), idk["labels"])
+        rejected = sequence_logprob(self.logits(forget), forget["labels"])
         return dpo_loss(
             chosen,
             rejected,

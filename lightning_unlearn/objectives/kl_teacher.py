@@ -56,11 +56,11 @@ class KLTeacher(UnlearningObjective):
 
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
-        logits = self(forget)
+        logits = self.logits(forget)
         return -self.reference_kl(forget, logits) - self.lm_weight * self.nll(logits, forget["labels"])
 
     def retain_loss(self, batch: dict) -> Tensor:
         retain = batch["retain"]
-        logits = self(retain)
+        logits = self.logits(retain)
         kl = self.reference_kl(retain, logits)
         return self.kl_weight * kl + self.nll_weight * self.nll(logits, retain["labels"])

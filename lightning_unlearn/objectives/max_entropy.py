@@ -31,4 +31,4 @@ class MaxEntropy(UnlearningObjective):
         forget = batch["forget"]
         labels, attention = forget["labels"], forget["attention_mask"]
         count = self.token_count(max_entropy_positions(labels, attention, self.positions))
-        return max_entropy_loss(self(forget), labels, attention, self.positions, num_tokens=count)
+        return max_entropy_loss(self.logits(forget), labels, attention, self.positions, num_tokens=count)

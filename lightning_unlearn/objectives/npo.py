@@ -25,7 +25,7 @@ class NPO(UnlearningObjective):
 
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
-        logp = sequence_logprob(self(forget), forget["labels"])
+        logp = sequence_logprob(self.logits(forget), forget["labels"])
         return npo_loss(logp, self.reference_logprob("forget", forget), self.beta)
 
 
@@ -40,4 +40,4 @@ class SimNPO(UnlearningObjective):
 
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
-        return simnpo_loss(mean_token_nll(self(forget), forget["labels"]), self.beta, self.delta)
+        return simnpo_loss(mean_token_nll(self.logits(forget), forget["labels"]), self.beta, self.delta)

@@ -38,7 +38,7 @@ class WGA(GradDiff):
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
         count = self.token_count(label_mask(forget["labels"]))
-        return wga_loss(self(forget), forget["labels"], self.beta, num_tokens=count)
+        return wga_loss(self.logits(forget), forget["labels"], self.beta, num_tokens=count)
 
 
 class SatImp(GradDiff):
@@ -62,4 +62,4 @@ class SatImp(GradDiff):
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
         count = self.token_count(label_mask(forget["labels"]))
-        return satimp_loss(self(forget), forget["labels"], self.beta1, self.beta2, num_tokens=count)
+        return satimp_loss(self.logits(forget), forget["labels"], self.beta1, self.beta2, num_tokens=count)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_unlearn.errors import UserError
+from lightning_unlearn.logits import decoder_and_head
 from lightning_unlearn.losses import representation_loss
 from lightning_unlearn.objectives.base import UnlearningObjective
 
@@ -67,6 +68,8 @@ class RMU(UnlearningObjective):
             open-unlearning's default) or ``nll``.
         seed: seed of the random direction u.
     """
+
+    forget_inputs = ()  # the forget term reads a layer's hidden states, not logits
 
     def __init__(
         self,
@@ -135,8 +138,9 @@ class RMU(UnlearningObjective):
                 captured.append(output[0] if isinstance(output, tuple) else output)
 
         handle = decoder_layers(model)[self.layer].register_forward_hook(hook)
+        body = decoder_and_head(model)[0] or model  # no output layer: its logits are never read
         try:
-            model(input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"])
+            body(input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"], use_cache=False)
         finally:
             handle.remove()
         return captured[0]
@@ -161,7 +165,7 @@ class RMU(UnlearningObjective):
     def retain_loss(self, batch: dict) -> Tensor:
         retain = batch["retain"]
         if self.retain_loss_type == "nll":
-            return self.nll(self(retain), retain["labels"])
+            return self.nll(self.logits(retain), retain["labels"])
         return representation_loss(
             self.layer_output(retain), self.reference_layer_output(retain), retain["labels"] != -100
         )

@@ -40,6 +40,6 @@ class UNDIAL(GradDiff):
 
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
-        logits, teacher = self(forget), self.reference_logits(forget)
+        logits, teacher = self.logits(forget), self.reference_logits(forget)
         count = self.token_count(label_mask(forget["labels"]))
         return undial_loss(logits, teacher, forget["labels"], self.beta, num_tokens=count)

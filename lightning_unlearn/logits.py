@@ -1,0 +1,200 @@
+"""Logits only where a loss scores them.
+
+A causal LM's output layer maps every position to the whole vocabulary: on a TOFU batch of
+SmolLM2 (8 sequences x 128 positions x 49,152 tokens) that is 50M values per copy, and training
+keeps several copies (half-precision logits, their float32 upcast, the log-softmax saved for
+backward, their gradients). Most of those positions are prompt or padding that no loss reads.
+
+A ``Logits`` source is a lazy stand-in for a ``[B, T, V]`` logits tensor. A loss asks it for
+``values(positions, fn, *args)``: ``fn`` maps logit rows ``[n, V]`` (and the matching rows of
+``args``) to one value per row, and the result is a ``[B, T]`` tensor holding those values at
+``positions`` and 0 elsewhere. ``HeadLogits`` gathers the decoder's hidden states at the scored
+positions and runs the output layer on them in chunks of rows, each chunk under activation
+checkpointing, so the logits of only one chunk exist at a time, forward or backward (the chunk's
+projection is recomputed during backward: one extra matmul over the scored rows only).
+``DenseLogits`` wraps logits the model already computed (models whose output layer cannot be run
+on its own, FSDP2-sharded ones, and callers that hold logits). Both apply the same ``fn`` to the
+same rows, so every loss has one definition and the two paths agree to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lightning_unlearn.sharding import is_sharded
+
+# Logit elements per chunk (rows x vocabulary): 8M float32 values, 32 MiB, whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 23
+
+RowFn = Callable[..., Tensor]
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The transformer body and output layer of a Hugging Face causal LM (through peft), or
+    ``(None, None)`` where logits are not simply ``head(body(x))``: FSDP2-sharded models (their
+    embeddings, final norm and head are gathered only by a forward of the whole model) and
+    architectures that rescale logits after the head (Granite's ``logits_scaling``, Cohere's
+    ``logit_scale``). Gemma-2's soft-capping is applied by ``HeadLogits`` itself."""
+    if is_sharded(model):
+        return None, None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in ("logits_scaling", "logit_scale")):
+        return None, None
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    head = base.get_output_embeddings() if decoder is not None else None
+    return (decoder, head) if head is not None else (None, None)
+
+
+def softcap(model: nn.Module) -> float | None:
+    """The model's final logit soft-capping (Gemma-2), or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "final_logit_softcapping", None) or None
+
+
+class Logits:
+    """A ``[B, T, V]`` logits tensor that is only ever read at chosen positions."""
+
+    shape: tuple[int, int]  # (B, T)
+
+    def rows(self, positions: Tensor) -> Callable[[int, int], Tensor]:
+        """A function ``(start, end) -> logits [end - start, V]`` of the rows at ``positions``
+        (row-major order)."""
+        raise NotImplementedError
+
+    def values(self, positions: Tensor, fn: RowFn, *args: Tensor, teacher: Logits | None = None) -> Tensor:
+        """``fn(rows, [teacher_rows,] *arg_rows)`` at ``positions`` (``[B, T]`` bool), scattered into
+        a ``[B, T]`` tensor that is 0 elsewhere. ``args`` are ``[B, T, ...]`` tensors aligned with
+        the positions (e.g. the label each position predicts); ``teacher`` supplies frozen logits
+        at the same positions (a distillation target: never differentiated)."""
+        raise NotImplementedError
+
+    def dense(self) -> Tensor:
+        """The full ``[B, T, V]`` logits (tests and callers that need them all)."""
+        raise NotImplementedError
+
+
+def as_logits(logits: Tensor | Logits) -> Logits:
+    """A ``Logits`` source for a tensor or a source."""
+    return logits if isinstance(logits, Logits) else DenseLogits(logits)
+
+
+def _scatter(positions: Tensor, rows: Tensor) -> Tensor:
+    return rows.new_zeros(positions.shape).masked_scatter(positions, rows)
+
+
+class DenseLogits(Logits):
+    """Logits the model already computed in full."""
+
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits
+        self.shape = tuple(logits.shape[:2])
+
+    def rows(self, positions: Tensor) -> Callable[[int, int], Tensor]:
+        selected = self.logits[positions]
+        return lambda start, end: selected[start:end]
+
+    def values(self, positions: Tensor, fn: RowFn, *args: Tensor, teacher: Logits | None = None) -> Tensor:
+        inputs = [self.logits[positions]]
+        if teacher is not None:
+            with torch.no_grad():
+                inputs.append(teacher.rows(positions)(0, int(positions.sum())))
+        return _scatter(positions, fn(*inputs, *(a[positions] for a in args)))
+
+    def dense(self) -> Tensor:
+        return self.logits
+
+
+class HeadLogits(Logits):
+    """Logits computed from final hidden states by the output layer, at scored positions only.
+
+    Args:
+        hidden: the decoder's final hidden states ``[B, T, D]``.
+        head: the output layer.
+        cap: final logit soft-capping (``tanh(z / cap) * cap``), or None.
+        chunk_rows: rows per chunk; None sizes chunks to ``CHUNK_ELEMENTS`` logits.
+    """
+
+    def __init__(
+        self, hidden: Tensor, head: nn.Module, cap: float | None = None, chunk_rows: int | None = None
+    ):
+        self.hidden, self.head, self.cap = hidden, head, cap
+        self.shape = tuple(hidden.shape[:2])
+        vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
+        self.chunk_rows = chunk_rows or max(1, CHUNK_ELEMENTS // vocab)
+
+    def project(self, hidden_rows: Tensor) -> Tensor:
+        logits = self.head(hidden_rows)
+        return logits if self.cap is None else torch.tanh(logits / self.cap) * self.cap
+
+    def rows(self, positions: Tensor) -> Callable[[int, int], Tensor]:
+        selected = self.hidden[positions]
+        return lambda start, end: self.project(selected[start:end])
+
+    def values(self, positions: Tensor, fn: RowFn, *args: Tensor, teacher: Logits | None = None) -> Tensor:
+        hidden = self.hidden[positions]
+        arg_rows = [a[positions] for a in args]
+        teacher_rows = teacher.rows(positions) if teacher is not None else None
+
+        def chunk(start: int, hidden_chunk: Tensor, *arg_chunk: Tensor) -> Tensor:
+            inputs = [self.project(hidden_chunk)]
+            if teacher_rows is not None:
+                with torch.no_grad():
+                    inputs.append(teacher_rows(start, start + hidden_chunk.shape[0]))
+            return fn(*inputs, *arg_chunk)
+
+        grad = torch.is_grad_enabled() and (
+            hidden.requires_grad or any(p.requires_grad for p in self.head.parameters())
+        )
+        out = []
+        for start in range(0, hidden.shape[0], self.chunk_rows):
+            end = start + self.chunk_rows
+            parts = (start, hidden[start:end], *(a[start:end] for a in arg_rows))
+            # Checkpointed, a chunk's logits are freed after its forward and rebuilt in backward.
+            out.append(checkpoint(chunk, *parts, use_reentrant=False) if grad else chunk(*parts))
+        if not out:  # no scored position: zeros, still attached to the graph
+            dtype = torch.promote_types(self.hidden.dtype, torch.float32)
+            return self.hidden.new_zeros(positions.shape, dtype=dtype) + 0 * self.hidden.sum()
+        return _scatter(positions, torch.cat(out))
+
+    def dense(self) -> Tensor:
+        return self.project(self.hidden)
+
+
+def model_logits(model: nn.Module, sub_batch: dict[str, Tensor], chunk_rows: int | None = None) -> Logits:
+    """``model``'s logits on ``sub_batch``: a ``HeadLogits`` over the decoder's hidden states where
+    the output layer can be run on its own (see ``decoder_and_head``), else the full logits."""
+    inputs = {
+        "input_ids": sub_batch["input_ids"],
+        "attention_mask": sub_batch["attention_mask"],
+        "use_cache": False,
+    }
+    decoder, head = decoder_and_head(model)
+    if decoder is None:
+        return DenseLogits(model(**inputs).logits)
+    return HeadLogits(decoder(**inputs).last_hidden_state, head, softcap(model), chunk_rows)
+
+
+def shared_hidden(model: nn.Module, sub_batches: list[dict[str, Tensor]]) -> list[Tensor] | None:
+    """The decoder's final hidden states of several right-padded sub-batches from ONE forward over
+    their concatenation (each padded on the right to the longest), split back and trimmed to each
+    one's width; None where the model has no separable decoder. Causal attention with the padding
+    masked makes every real position's state the same as in its own forward (float rounding
+    aside), and one forward of 2B rows costs less than two of B on weight-bound hardware."""
+    decoder, _ = decoder_and_head(model)
+    if decoder is None:
+        return None
+    width = max(sub["input_ids"].shape[1] for sub in sub_batches)
+
+    def padded(key: str) -> Tensor:
+        return torch.cat([F.pad(sub[key], (0, width - sub[key].shape[1])) for sub in sub_batches])
+
+    hidden = decoder(input_ids=padded("input_ids"), attention_mask=padded("attention_mask"), use_cache=False)
+    parts = hidden.last_hidden_state.split([sub["input_ids"].shape[0] for sub in sub_batches])
+    return [part[:, : sub["input_ids"].shape[1]] for part, sub in zip(parts, sub_batches, strict=True)]
