@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -167,34 +166,49 @@ class HeadLogits(Logits):
         return self.project(self.hidden)
 
 
+def _packed_sequences_supported() -> bool:
+    # transformers >= 4.53 reads sequences packed in one row from position ids that restart at 0
+    # (with attention_mask=None) and masks attention block-diagonally; older versions would let
+    # the sequences attend to each other, so they are never given packed input.
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+PACKED_SEQUENCES = _packed_sequences_supported()
+
+
 def model_logits(model: nn.Module, sub_batch: dict[str, Tensor], chunk_rows: int | None = None) -> Logits:
     """``model``'s logits on ``sub_batch``: a ``HeadLogits`` over the decoder's hidden states where
     the output layer can be run on its own (see ``decoder_and_head``), else the full logits."""
-    inputs = {
-        "input_ids": sub_batch["input_ids"],
-        "attention_mask": sub_batch["attention_mask"],
-        "use_cache": False,
-    }
-    decoder, head = decoder_and_head(model)
-    if decoder is None:
-        return DenseLogits(model(**inputs).logits)
-    return HeadLogits(decoder(**inputs).last_hidden_state, head, softcap(model), chunk_rows)
+    hidden = shared_hidden(model, [sub_batch])
+    if hidden is not None:
+        return HeadLogits(hidden[0], decoder_and_head(model)[1], softcap(model), chunk_rows)
+    return DenseLogits(
+        model(input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"], use_cache=False).logits
+    )
 
 
 def shared_hidden(model: nn.Module, sub_batches: list[dict[str, Tensor]]) -> list[Tensor] | None:
-    """The decoder's final hidden states of several right-padded sub-batches from ONE forward over
-    their concatenation (each padded on the right to the longest), split back and trimmed to each
-    one's width; None where the model has no separable decoder. Causal attention with the padding
-    masked makes every real position's state the same as in its own forward (float rounding
-    aside), and one forward of 2B rows costs less than two of B on weight-bound hardware."""
+    """The decoder's final hidden states ``[B, T, D]`` of one or more sub-batches from ONE forward
+    with no padding: every sequence's real tokens packed into a single row, position ids restarting
+    at 0 for each, so attention stays within each sequence (transformers' packed-sequence masks)
+    and every real position's state equals its own padded forward's (float rounding aside). The
+    states are scattered back to each sub-batch's padded layout (0 at padding, which no loss
+    reads). A forward over the real tokens only costs less than padded ones on compute-bound
+    hardware, and one forward instead of several less on overhead-bound hardware. None where the
+    model has no separable decoder or transformers cannot mask packed sequences."""
     decoder, _ = decoder_and_head(model)
-    if decoder is None:
+    if decoder is None or not PACKED_SEQUENCES:
         return None
-    width = max(sub["input_ids"].shape[1] for sub in sub_batches)
-
-    def padded(key: str) -> Tensor:
-        return torch.cat([F.pad(sub[key], (0, width - sub[key].shape[1])) for sub in sub_batches])
-
-    hidden = decoder(input_ids=padded("input_ids"), attention_mask=padded("attention_mask"), use_cache=False)
-    parts = hidden.last_hidden_state.split([sub["input_ids"].shape[0] for sub in sub_batches])
-    return [part[:, : sub["input_ids"].shape[1]] for part, sub in zip(parts, sub_batches, strict=True)]
+    masks = [sub["attention_mask"].bool() for sub in sub_batches]
+    ids = torch.cat([sub["input_ids"][mask] for sub, mask in zip(sub_batches, masks, strict=True)])
+    positions = torch.cat([(mask.long().cumsum(-1) - 1)[mask] for mask in masks])
+    hidden = decoder(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state[0]
+    parts = hidden.split([int(mask.sum()) for mask in masks])
+    return [
+        part.new_zeros(*mask.shape, part.shape[-1]).masked_scatter(mask[..., None], part)
+        for part, mask in zip(parts, masks, strict=True)
+    ]
