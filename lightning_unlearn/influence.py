@@ -1,4 +1,4 @@
-"""The influence-function step of LLMEraser (DESIGN section 8): edit a fine-tuned adapter without
+"""The influence-function step of LLMEraser: edit a fine-tuned adapter without
 retraining, by one damped Newton step on the edited training loss.
 
 Training loss of the adapter: L(theta) = (1/n) sum_i l_i(theta), with l_i the mean token NLL of

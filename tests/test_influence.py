@@ -1,4 +1,4 @@
-"""Influence-function edits (LLMEraser, DESIGN section 8) on a tiny float64 Llama with a rank-1 LoRA
+"""Influence-function edits (LLMEraser) on a tiny float64 Llama with a rank-1 LoRA
 on q_proj and v_proj (128 parameters): the solvers against dense linear algebra, HVPs against the
 autograd Hessian, the signs of every edit, the step against retraining, and a 2-process gloo run.
 

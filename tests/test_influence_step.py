@@ -1,4 +1,4 @@
-"""InfluenceStep (LLMEraser, DESIGN section 8) as a LightningModule: run by ``Trainer.fit`` and the
+"""InfluenceStep (LLMEraser) as a LightningModule: run by ``Trainer.fit`` and the
 CLI on a tiny Llama whose rank-1 LoRA (q_proj, v_proj: 128 parameters) was fine-tuned on 16 records.
 
 As in tests/test_influence.py, the base is first trained on other records (so it is not a random

@@ -199,7 +199,7 @@ class FineTuneDataModule(_LoaderMixin, LightningDataModule):
 
 class UnlearningDataModule(_LoaderMixin, LightningDataModule):
     """Batches ``{"forget", "retain"[, "forget_idk", "retain_idk"]}`` with the forget split as the
-    anchor (DESIGN section 3).
+    anchor.
 
     Args:
         refusals: add ``forget_idk`` and ``retain_idk`` sub-batches (the same questions with a

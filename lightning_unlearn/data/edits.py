@@ -1,4 +1,4 @@
-"""Data for the influence step (DESIGN section 8): the records the adapter was fine-tuned on, and
+"""Data for the influence step: the records the adapter was fine-tuned on, and
 the edit to make to them (records removed, or records whose question or answer is replaced).
 
 The influence step is one linear solve, not a loop over batches, so the train loader yields a

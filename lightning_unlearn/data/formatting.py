@@ -1,4 +1,4 @@
-"""Prompt formatting and tokenization with label masking (DESIGN section 3).
+"""Prompt formatting and tokenization with label masking.
 
 Labels are -100 on the prompt; the answer and an appended EOS are scored. Where the answer starts
 is decided by ``label_boundary``: ``"offsets"`` (default) labels every token whose character span

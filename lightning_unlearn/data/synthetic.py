@@ -102,7 +102,7 @@ NATIONALITIES = (
 # Values never occur in templates or names, so a sentence holds exactly one value of its pool.
 # Answers are short and end with the value: the truth ratio averages the NLL over the answer's tokens
 # and only the value token differs between paraphrase and perturbations, so every extra word dilutes
-# it. Measured with the DESIGN's tiny Llama (60 epochs): these give the target model a forget quality
+# it. Measured with the tests' tiny Llama (60 epochs): these give the target model a forget quality
 # of 5e-7 to 5e-4 on seeds 0-5; longer templates, some with the value mid-sentence, gave 2e-6 to 3e-2.
 FACT_TYPES: dict[str, dict[str, tuple[str, ...]]] = {
     "birth_city": {

@@ -1,4 +1,4 @@
-"""Unlearning objectives, one LightningModule per family (DESIGN section 4)."""
+"""Unlearning objectives, one LightningModule per family."""
 
 from lightning_unlearn.objectives.base import UnlearningObjective
 from lightning_unlearn.objectives.ce_u import CEU

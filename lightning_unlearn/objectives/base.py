@@ -1,4 +1,4 @@
-"""The base LightningModule every unlearning objective derives from (DESIGN section 4).
+"""The base LightningModule every unlearning objective derives from.
 
 ``training_step`` = forget_weight * forget_loss(batch) + retain_weight * retain_loss(batch); a
 subclass overrides ``forget_loss`` and, when its retain term is not the default NLL,
@@ -352,7 +352,7 @@ class UnlearningObjective(LightningModule):
         raise NotImplementedError
 
     def retain_loss(self, batch: dict) -> Tensor:
-        """NLL on the retain answers: the retain term of most objectives (DESIGN section 4)."""
+        """NLL on the retain answers: the retain term of most objectives."""
         return self.nll(self.logits(batch["retain"]), batch["retain"]["labels"])
 
     def log_term(self, stage: str, name: str, value: Tensor) -> None:

@@ -1,4 +1,4 @@
-"""InfluenceStep: LLMEraser's training-free edit of a fine-tuned LoRA adapter (DESIGN section 8).
+"""InfluenceStep: LLMEraser's training-free edit of a fine-tuned LoRA adapter.
 
 No gradient training: ``Trainer.fit`` runs one training step, which solves (H + damping I) v = b
 for the edit the data module provides (``InfluenceDataModule``), sets theta = theta_hat + v on
