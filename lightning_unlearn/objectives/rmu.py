@@ -140,7 +140,9 @@ class RMU(UnlearningObjective):
         handle = decoder_layers(model)[self.layer].register_forward_hook(hook)
         body = decoder_and_head(model)[0] or model  # no output layer: its logits are never read
         try:
-            body(input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"], use_cache=False)
+            body(
+                input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"], use_cache=False
+            )
         finally:
             handle.remove()
         return captured[0]
