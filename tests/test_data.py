@@ -244,3 +244,26 @@ def test_offsets_score_the_first_answer_word_that_prompt_length_drops():
     assert offsets["input_ids"] == legacy["input_ids"]
     assert [t for t in offsets["labels"] if t != -100] == [the, cat, 0]
     assert [t for t in legacy["labels"] if t != -100] == [cat, 0]
+
+
+@pytest.mark.parametrize("path", ["runs/smollm2_tofu/models/finetuned", "./model", "~/nope/model", "m.gguf"])
+def test_missing_local_model_path_is_named_not_looked_up_on_the_hub(path, monkeypatch):
+    """A relative path such as the protocol's output directory, before the protocol made it, is a
+    local path: the error names it and says how it comes to exist (no hub lookup, which would
+    fail with "Repo id must be in the form ...")."""
+    from lightning_unlearn.data.tokenizer import load_tokenizer
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("looked up on the hub")
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", no_hub)
+    with pytest.raises(UserError, match=f"model path '{path}' does not exist: train or export"):
+        load_tokenizer(path)
+
+
+def test_hub_ids_are_not_taken_for_local_paths():
+    from lightning_unlearn.data.tokenizer import check_local
+
+    check_local("HuggingFaceTB/SmolLM2-135M-Instruct")  # namespace/name: left to the hub
+    check_local("gpt2")
+    check_local("meta-llama/Llama-3.2-1B")  # a dot in a hub id is no file suffix

@@ -18,10 +18,20 @@ def resolve_gguf(path: str, gguf_file: str | None) -> tuple[str, str | None]:
 
 
 def check_local(path: str) -> None:
-    """A path that looks local and is missing gets a clear error instead of a hub lookup."""
-    looks_local = path.startswith((".", "/", "~")) or path.endswith(".gguf") or Path(path).suffix
+    """A path that looks local and is missing gets a clear error instead of a hub lookup. Hub ids
+    are ``name`` or ``namespace/name`` (dots allowed: ``meta-llama/Llama-3.2-1B``); a leading
+    ``.``/``/``/``~``, a weights-file suffix or two or more ``/`` (``runs/x/models/finetuned``)
+    make a local path."""
+    looks_local = (
+        path.startswith((".", "/", "~"))
+        or path.endswith((".gguf", ".safetensors", ".bin", ".json", ".pt"))
+        or path.count("/") >= 2
+    )
     if looks_local and not Path(path).expanduser().exists():
-        raise UserError(f"model path '{path}' does not exist")
+        raise UserError(
+            f"model path '{path}' does not exist: train or export the model there first (a protocol "
+            f"run writes runs/<name>/models/), or point the config at an existing directory or a hub id"
+        )
 
 
 def load_tokenizer(path: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
