@@ -61,10 +61,6 @@ def reset_peak_rss() -> None:
 def measure(policy: str, args: argparse.Namespace) -> dict:
     """Train ``warmup + steps`` NPO steps with ``policy``; return timings and memory."""
     import lightning as L
-    import torch
-
-    from lightning_unlearn.models import LoraSpec, ModelSpec
-    from lightning_unlearn.objectives import NPO
 
     class Clock(L.Callback):
         def __init__(self) -> None:
@@ -85,15 +81,7 @@ def measure(policy: str, args: argparse.Namespace) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.step_times.append(time.perf_counter() - self.t0)
 
-    torch.manual_seed(0)
-    gguf = smollm2_gguf()
-    data = tofu_data(gguf, args)
-    npo = NPO(
-        model=ModelSpec(path=gguf, dtype="float32"),
-        adapter=LoraSpec(r=8, alpha=16, target_modules="all-linear"),
-        reference=policy.removesuffix("_ckpt"),
-        activation_checkpointing=policy.endswith("_ckpt"),
-    )
+    npo, data = npo_and_data(args, policy.removesuffix("_ckpt"), policy.endswith("_ckpt"))
     clock = Clock()
     trainer = L.Trainer(
         accelerator="cpu", precision=args.precision, max_steps=args.warmup + args.steps, logger=False,
@@ -110,6 +98,24 @@ def measure(policy: str, args: argparse.Namespace) -> dict:
         "peak_rss_mib": status_mib("VmHWM"),
         "steps": len(measured),
     }
+
+
+def npo_and_data(args: argparse.Namespace, policy: str, checkpointing: bool):
+    """Our NPO (LoRA r8 on every linear layer, float32 weights) and the TOFU batches, seeded."""
+    import torch
+
+    from lightning_unlearn.models import LoraSpec, ModelSpec
+    from lightning_unlearn.objectives import NPO
+
+    torch.manual_seed(0)
+    gguf = smollm2_gguf()
+    npo = NPO(
+        model=ModelSpec(path=gguf, dtype="float32"),
+        adapter=LoraSpec(r=8, alpha=16, target_modules="all-linear"),
+        reference=policy,
+        activation_checkpointing=checkpointing,
+    )
+    return npo, tofu_data(gguf, args)
 
 
 def tofu_data(gguf: str, args: argparse.Namespace):
@@ -155,16 +161,7 @@ def measure_plain(args: argparse.Namespace) -> dict:
     """Our NPO (LoRA r8, cached reference, scored logits) in a hand-written loop."""
     import torch
 
-    from lightning_unlearn.models import LoraSpec, ModelSpec
-    from lightning_unlearn.objectives import NPO
-
-    torch.manual_seed(0)
-    gguf = smollm2_gguf()
-    data = tofu_data(gguf, args)
-    npo = NPO(
-        model=ModelSpec(path=gguf, dtype="float32"),
-        adapter=LoraSpec(r=8, alpha=16, target_modules="all-linear"),
-    )
+    npo, data = npo_and_data(args, "cached", checkpointing=False)
     npo.log = lambda *a, **k: None  # no Trainer to log to
     npo.configure_model()
     reset_peak_rss()

@@ -58,6 +58,19 @@ def unlearning_data(world_dir, tokenizer_dir):
 
 
 @pytest.fixture
+def idk_data(world_dir, tokenizer_dir):
+    """``unlearning_data`` with built-in refusals: batches also carry forget_idk and retain_idk."""
+    from lightning_unlearn.data.datamodule import UnlearningDataModule
+
+    dm = UnlearningDataModule(
+        tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10", retain_split="retain90",
+        batch_size=4, max_length=64, refusals="builtin",
+    )  # fmt: skip
+    dm.setup("fit")
+    return dm
+
+
+@pytest.fixture
 def no_logging(monkeypatch):
     """training_step logs through self.log; outside a Trainer that is a no-op we do not need."""
     import lightning as L

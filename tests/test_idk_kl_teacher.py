@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from helpers import build, hf_nll, sgd_step
 
-from lightning_unlearn.data.datamodule import UnlearningDataModule
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.models import LoraSpec
 from lightning_unlearn.objectives.idk import IdkAP, IdkDPO, IdkNLL
@@ -20,16 +19,6 @@ LORA = LoraSpec(r=4, alpha=8)
 
 
 pytestmark = pytest.mark.usefixtures("no_logging")
-
-
-@pytest.fixture
-def idk_data(world_dir, tokenizer_dir) -> UnlearningDataModule:
-    dm = UnlearningDataModule(
-        tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10", retain_split="retain90",
-        batch_size=4, max_length=64, refusals="builtin",
-    )  # fmt: skip
-    dm.setup("fit")
-    return dm
 
 
 def _rows(sub):

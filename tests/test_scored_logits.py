@@ -8,7 +8,6 @@ import pytest
 import torch
 from helpers import build, first_batch
 
-from lightning_unlearn.data.datamodule import UnlearningDataModule
 from lightning_unlearn.logits import DenseLogits, HeadLogits, shared_hidden
 from lightning_unlearn.losses import kl_divergence, max_entropy_loss, nll_loss, undial_loss
 from lightning_unlearn.models import LoraSpec
@@ -56,16 +55,6 @@ CASES = [
     (IdkDPO, {"reference": "cached"}, 1),
 ]
 IDS = [f"{cls.__name__}-{'-'.join(map(str, kwargs.values())) or 'default'}" for cls, kwargs, _ in CASES]
-
-
-@pytest.fixture
-def idk_data(world_dir, tokenizer_dir) -> UnlearningDataModule:
-    dm = UnlearningDataModule(
-        tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10", retain_split="retain90",
-        batch_size=4, max_length=64, refusals="builtin",
-    )  # fmt: skip
-    dm.setup("fit")
-    return dm
 
 
 def _objective(cls, spec, kwargs, lora: bool, scored: bool, data):
