@@ -29,7 +29,7 @@ import json
 import math
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -142,7 +142,7 @@ class InputCapture:
         self.mask = mask
         self.batch.clear()
 
-    def hook(self, name: str):
+    def hook(self, name: str) -> Callable[[torch.nn.Module, tuple], None]:
         def capture(module, args) -> None:
             self.record(name, args[0])
 

@@ -178,8 +178,8 @@ def factor_of_rows(x: Tensor) -> Tensor:
     upper-trapezoidal, R is saved packed in n' in - n'(n'-1)/2 numbers, fewer than the in(in+1)/2
     of a packed dense Gram whenever n' < in. (X itself is exact too but not thinner, and scaled
     eigenvectors of X X^T cost an eigendecomposition and pack no better.) Computed in float64."""
-    x = x.double()
-    unique, counts = torch.unique(x, dim=0, return_counts=True)
+    # c identical rows x contribute c x^T x = (sqrt(c) x)^T (sqrt(c) x): one row does
+    unique, counts = torch.unique(x.double(), dim=0, return_counts=True)
     r = torch.linalg.qr(unique * counts.double().sqrt()[:, None], mode="r").R
     sign = torch.where(r.diagonal() < 0, -1.0, 1.0).to(r.dtype)
     return r * sign[:, None]
@@ -239,11 +239,16 @@ def load_grams(path: str | Path) -> dict[str, Gram]:
 
 
 def _unpacked(packed: Tensor, spec: dict[str, Any]) -> Gram:
+    """One stored entry as a ``Gram``, its declared shape checked against the packed tensor's size
+    before anything is allocated (the file may come from anywhere)."""
     rows, cols = (int(n) for n in spec["shape"])
-    if spec["kind"] not in ("dense", "factor") or (spec["kind"] == "dense" and rows != cols):
+    square = spec["kind"] == "dense"
+    if spec["kind"] not in ("dense", "factor") or not 0 <= rows <= cols or (square and rows != cols):
         raise ValueError(f"bad entry {spec}")
-    matrix = unpack_triu(packed, (rows, cols), symmetric=spec["kind"] == "dense")
-    return Gram(dense=matrix) if spec["kind"] == "dense" else Gram(factor=matrix)
+    if packed.ndim != 1 or packed.numel() != rows * cols - rows * (rows - 1) // 2:
+        raise ValueError(f"a packed tensor of {packed.numel()} numbers for {spec}")
+    matrix = unpack_triu(packed, (rows, cols), symmetric=square)
+    return Gram(dense=matrix) if square else Gram(factor=matrix)
 
 
 def _safetensors_metadata(path: str | Path) -> dict[str, str]:

@@ -221,11 +221,17 @@ def test_damaged_grams_metadata_is_named(tmp_path):
     with safe_open(str(path), framework="pt") as handle:
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
         metadata = handle.metadata()
-    entries = json.loads(metadata["entries"])
-    entries["q"]["shape"] = [6, 24]  # the packed tensor no longer fits
-    save_file(tensors, str(path), metadata={**metadata, "entries": json.dumps(entries)})
-    with pytest.raises(UserError, match="is not a readable Gram file"):
-        load_grams(path)
+    # a shape the packed tensor does not fit, one that would allocate 80 GB, a dense entry not square
+    for key, shape, kind in [
+        ("q", [6, 24], "factor"),
+        ("q", [10**5, 10**5], "factor"),
+        ("gate", [7, 40], "dense"),
+    ]:
+        entries = json.loads(metadata["entries"])
+        entries[key] = {"kind": kind, "shape": shape}
+        save_file(tensors, str(path), metadata={**metadata, "entries": json.dumps(entries)})
+        with pytest.raises(UserError, match="is not a readable Gram file"):
+            load_grams(path)
     square = tmp_path / "old.safetensors"
     save_file({"q": torch.zeros(3, 4)}, str(square))
     with pytest.raises(UserError, match="not square"):
