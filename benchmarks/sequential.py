@@ -3,8 +3,9 @@ do the Grams cost to store and to fuse, dense against factored?
 
     python benchmarks/sequential.py [--requests 10] [--per-request 4] [--epochs-per-request 1]
 
-SmolLM2-135M-Instruct (GGUF) with a LoRA r8 on every linear layer, GradDiff, bf16-mixed, on TOFU
-forget01 split into ``--requests`` deletion requests of ``--per-request`` records, all in one
+SmolLM2-135M-Instruct (GGUF) with a LoRA r8 on every linear layer, GradDiff (float32 unless
+--precision bf16-mixed), on TOFU forget01 split into ``--requests`` deletion requests of
+``--per-request`` records, all in one
 ``Trainer.fit`` with ``SequentialForgetting`` (independent adapters, RegMean fusion after every
 request). Printed per request, from the ledger: wall time and its parts (training, Gram pass,
 writing the adapter and its Grams, fusion), and the ratio of the last request's wall time to
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace, run_dir: Path) -> list[dict]:
     )
     callback = SequentialForgetting(str(run_dir), requests, epochs_per_request=args.epochs_per_request)
     trainer = L.Trainer(
-        accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False,
+        accelerator="cpu", precision=args.precision, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[callback],
     )  # fmt: skip
     trainer.fit(objective, datamodule=data)
@@ -141,6 +142,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=10)
+    # float32 by default: on CPUs without AVX512-BF16 or AMX, bf16 matmuls are emulated and slower.
+    parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
     parser.add_argument("--per-request", type=int, default=4)
     parser.add_argument("--epochs-per-request", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -157,7 +160,7 @@ def main() -> None:
         ledger = run(args, run_dir)
         print(
             f"SequentialForgetting (independent, RegMean) on SmolLM2-135M, LoRA r8 {args.targets}, GradDiff, "
-            f"bf16-mixed; {args.requests} requests x {args.per_request} TOFU forget01 records, "
+            f"{args.precision}; {args.requests} requests x {args.per_request} TOFU forget01 records, "
             f"{args.epochs_per_request} epoch(s) each at batch {args.batch_size}"
         )
         print("| request | wall s | train s | Gram pass s | save s | fuse s (running sums) |")
