@@ -187,27 +187,66 @@ def model_logits(model: nn.Module, sub_batch: dict[str, Tensor], chunk_rows: int
     if hidden is not None:
         return HeadLogits(hidden[0], decoder_and_head(model)[1], softcap(model), chunk_rows)
     return DenseLogits(
-        model(input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"], use_cache=False).logits
+        model(
+            input_ids=sub_batch["input_ids"], attention_mask=sub_batch["attention_mask"], use_cache=False
+        ).logits
     )
+
+
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """Sequences (by index) grouped into rows no wider than the longest one: first-fit over the
+    lengths in decreasing order. Bounding the width keeps each row's attention (quadratic in its
+    width) no costlier than a padded batch's, while the rows carry at most as many tokens."""
+    width, rows, room = max(lengths), [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
 
 
 def shared_hidden(model: nn.Module, sub_batches: list[dict[str, Tensor]]) -> list[Tensor] | None:
     """The decoder's final hidden states ``[B, T, D]`` of one or more sub-batches from ONE forward
-    with no padding: every sequence's real tokens packed into a single row, position ids restarting
-    at 0 for each, so attention stays within each sequence (transformers' packed-sequence masks)
-    and every real position's state equals its own padded forward's (float rounding aside). The
-    states are scattered back to each sub-batch's padded layout (0 at padding, which no loss
-    reads). A forward over the real tokens only costs less than padded ones on compute-bound
-    hardware, and one forward instead of several less on overhead-bound hardware. None where the
-    model has no separable decoder or transformers cannot mask packed sequences."""
+    without padding between sequences: every sequence's real tokens packed into rows no wider than
+    the longest sequence (``pack_rows``), position ids restarting at 0 for each, so attention stays
+    within each sequence (transformers' packed-sequence masks) and every real position's state
+    equals its own padded forward's (float rounding aside). The states are scattered back to each
+    sub-batch's padded layout (0 at padding, which no loss reads). Fewer tokens than padded batches
+    cost less on compute-bound hardware, and one forward instead of several less on overhead-bound
+    hardware. None where the model has no separable decoder or transformers cannot mask packed
+    sequences."""
     decoder, _ = decoder_and_head(model)
     if decoder is None or not PACKED_SEQUENCES:
         return None
     masks = [sub["attention_mask"].bool() for sub in sub_batches]
-    ids = torch.cat([sub["input_ids"][mask] for sub, mask in zip(sub_batches, masks, strict=True)])
-    positions = torch.cat([(mask.long().cumsum(-1) - 1)[mask] for mask in masks])
-    hidden = decoder(input_ids=ids[None], position_ids=positions[None], use_cache=False).last_hidden_state[0]
-    parts = hidden.split([int(mask.sum()) for mask in masks])
+    sequences = [
+        ids[mask]
+        for sub, m in zip(sub_batches, masks, strict=True)
+        for ids, mask in zip(sub["input_ids"], m, strict=True)
+    ]
+    lengths = [len(seq) for seq in sequences]
+    rows, width = pack_rows(lengths), max(lengths)
+    device = sequences[0].device
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    positions = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    start = [0] * len(sequences)  # each sequence's first slot in the flattened rows
+    for r, row in enumerate(rows):
+        column = 0
+        for i in row:
+            ids[r, column : column + lengths[i]] = sequences[i]
+            positions[r, column : column + lengths[i]] = torch.arange(lengths[i], device=device)
+            start[i], column = r * width + column, column + lengths[i]
+        positions[r, column:] = torch.arange(width - column, device=device)  # a filler sequence after
+    hidden = decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
+    slots = torch.cat(
+        [torch.arange(start[i], start[i] + lengths[i], device=device) for i in range(len(sequences))]
+    )
+    flat = hidden.reshape(-1, hidden.shape[-1])[slots]
+    parts = flat.split([int(mask.sum()) for mask in masks])
     return [
         part.new_zeros(*mask.shape, part.shape[-1]).masked_scatter(mask[..., None], part)
         for part, mask in zip(parts, masks, strict=True)

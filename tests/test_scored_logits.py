@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import build, first_batch
 
-from lightning_unlearn.logits import DenseLogits, HeadLogits, shared_hidden
+from lightning_unlearn.logits import DenseLogits, HeadLogits, pack_rows, shared_hidden
 from lightning_unlearn.losses import kl_divergence, max_entropy_loss, nll_loss, undial_loss
 from lightning_unlearn.models import LoraSpec
 from lightning_unlearn.objectives import (
@@ -168,3 +168,12 @@ def test_shared_hidden_equals_separate_forwards(tiny_spec, idk_data):
         alone = decoder(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"]).last_hidden_state
         real = sub["attention_mask"].bool()
         torch.testing.assert_close(hidden[real], alone[real], rtol=1e-5, atol=1e-6)
+
+
+def test_pack_rows_fills_rows_no_wider_than_the_longest_sequence():
+    lengths = [83, 20, 57, 60, 30, 5, 83, 26]
+    rows = pack_rows(lengths)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 83 for row in rows)
+    # first-fit decreasing: 83 | 83 | 60+20 | 57+26 | 30+5 -> 5 rows instead of 8
+    assert [sorted(lengths[i] for i in row) for row in rows] == [[83], [83], [20, 60], [26, 57], [5, 30]]
