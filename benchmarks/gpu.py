@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import platform
@@ -531,14 +532,19 @@ def evaluator_passes(
     goes to ``notes``)."""
     from lightning_unlearn.evaluation import Evaluator  # needs rouge-score (see the docstring)
 
+    # generation_batch_size arrives with the faster Evaluator; an Evaluator without it generates
+    # at its scoring batch size.
+    extra = {}
+    if "generation_batch_size" in inspect.signature(Evaluator).parameters:
+        extra["generation_batch_size"] = settings.generation_batch_size
     evaluator = Evaluator(
         tokenizer,
         {"forget": records},
         batch_size=settings.eval_batch_size,
         max_new_tokens=settings.max_new_tokens,
-        generation_batch_size=settings.generation_batch_size,
         progress=False,
         distributed=False,
+        **extra,
     )
 
     def score(chunk: list[dict]) -> int:
