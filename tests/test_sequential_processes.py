@@ -24,12 +24,9 @@ from lightning_unlearn.data.tofu import load_split
 TESTS = Path(__file__).resolve().parent
 
 
-def _config(
-    tmp_path: Path, world_dir: Path, tokenizer_dir: str, name: str, batch_size: int, width: dict | None = None
-) -> Path:
+def _config(tmp_path: Path, world_dir: Path, tokenizer_dir: str, name: str, batch_size: int) -> Path:
     """Three requests of four forget records, GradDiff + LoRA, SGD; one batch per epoch at
-    batch_size 4 (or 2 per rank on 2 ranks), so 1 and 2 processes see the same global batches.
-    ``width`` overrides the tiny model's sizes."""
+    batch_size 4 (or 2 per rank on 2 ranks), so 1 and 2 processes see the same global batches."""
     ids = [str(r["id"]) for r in load_split(str(world_dir), "forget10")][:12]
     requests = [{"name": f"r{k}", "ids": ids[4 * k : 4 * k + 4]} for k in range(3)]
     config = {
@@ -56,7 +53,7 @@ def _config(
         "model": {
             "class_path": "lightning_unlearn.objectives.GradDiff",
             "init_args": {
-                "model": {"config": {**TINY_LLAMA, **(width or {})}, "tokenizer": tokenizer_dir},
+                "model": {"config": dict(TINY_LLAMA), "tokenizer": tokenizer_dir},
                 "adapter": {"r": 4, "alpha": 8},
                 "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
             },
@@ -143,18 +140,12 @@ def test_killed_mid_request_resumes_to_the_uninterrupted_result(tmp_path, world_
     assert "Traceback" not in done.stderr and _ledger(tmp_path / "killed") == ledger
 
 
-# A request's ~80 tokens: more than the tiny model's 32 and 64 inputs (dense Grams, summed over
-# ranks), fewer than 128 and 256 (factors of the rows gathered from both ranks; fused by Woodbury
-# where the 3 requests' rows stay under 256).
-@pytest.mark.parametrize(
-    "width", [{}, {"hidden_size": 128, "intermediate_size": 256}], ids=["dense", "factored"]
-)
-def test_two_process_ddp_equals_one_process(tmp_path, world_dir, tokenizer_dir, width):
+def test_two_process_ddp_equals_one_process(tmp_path, world_dir, tokenizer_dir):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    one = _config(tmp_path, world_dir, tokenizer_dir, "one", batch_size=4, width=width)
+    one = _config(tmp_path, world_dir, tokenizer_dir, "one", batch_size=4)
     _run(_command(one), tmp_path)
-    two = _config(tmp_path, world_dir, tokenizer_dir, "two", batch_size=2, width=width)
+    two = _config(tmp_path, world_dir, tokenizer_dir, "two", batch_size=2)
     _run(_command(two, "--trainer.devices", "2", "--trainer.strategy", "ddp"), tmp_path)
 
     want, got = _fused(tmp_path / "one"), _fused(tmp_path / "two")
@@ -163,23 +154,12 @@ def test_two_process_ddp_equals_one_process(tmp_path, world_dir, tokenizer_dir, 
     for k in range(3):
         g1 = _grams(tmp_path / "one", k)
         g2 = _grams(tmp_path / "two", k)
-        for name in g1:  # to 1e-5 of the Gram's scale (float32 storage; we measure 1e-7 to 6e-7)
-            assert float((g2[name] - g1[name]).abs().max()) <= 1e-5 * float(g1[name].abs().max())
-    kinds = {e["kind"] for k in range(3) for run in ("one", "two") for e in _entries(tmp_path / run, k)}
-    assert kinds == ({"factor"} if width else {"factor", "dense"})  # tiny: down_proj (64) varies
-    solves = set(json.loads((tmp_path / "two" / "fused" / "fusion.json").read_text())["solve"].values())
-    assert solves == ({"woodbury", "cholesky"} if width else {"cholesky"})
+        for name in g1:
+            torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-5)
     assert [e["ids"] for e in _ledger(tmp_path / "one")] == [e["ids"] for e in _ledger(tmp_path / "two")]
 
 
 def _grams(run: Path, k: int) -> dict[str, torch.Tensor]:
-    from lightning_unlearn.adapters import load_grams
+    from safetensors.torch import load_file
 
-    return {n: g.matrix() for n, g in load_grams(run / "requests" / str(k) / "grams.safetensors").items()}
-
-
-def _entries(run: Path, k: int) -> list[dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(run / "requests" / str(k) / "grams.safetensors"), framework="pt") as handle:
-        return list(json.loads(handle.metadata()["entries"]).values())
+    return load_file(str(run / "requests" / str(k) / "grams.safetensors"))
