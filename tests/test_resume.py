@@ -182,7 +182,7 @@ def _timeless(value: object) -> object:
 
 @pytest.mark.xfail(
     reason="known regression found at the end of a stop: two identical protocol runs wrote different "
-    "sequential/seq/requests/0/grams.safetensors bytes (models and reports equal); cause not yet found",
+    "sequential/seq/requests/0/grams.safetensors bytes (first seen; still failing with the old dense Grams); cause not yet found",
     strict=False,
 )
 def test_protocol_is_deterministic_and_resumes_after_a_kill(tmp_path):
