@@ -1,12 +1,18 @@
-"""Evaluator: scores and generates over the evaluation splits and returns a Report (DESIGN section 6).
+"""Evaluator: scores and generates over the evaluation splits and returns a Report.
 
 Every answer variant of a question (answer, paraphrase, perturbed answers) is scored in the same
-forward pass, and generation is batched with left padding, each sequence stopping at EOS.
+forward pass, packed as a prefix tree so that the prompt and any shared answer start run once
+(``metrics/prefix_tree.py``). The greedy answers of every split are decoded together in large
+left-padded batches from which each answer drops out at its EOS (``metrics/greedy.py``). With
+``fast=False`` the Evaluator runs the straightforward passes instead (each variant padded and
+scored in full, ``generate`` per batch of questions of a split), which the fast ones are tested
+against: per-sample scores agree to float rounding and the greedy answers are the same.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +35,7 @@ from lightning_unlearn.metrics.generation import (
     EntailmentScore,
     text_token_entropy,
 )
+from lightning_unlearn.metrics.greedy import greedy_decode, plain_greedy, similar_length_groups
 from lightning_unlearn.metrics.memorisation import (
     exact_memorization,
     extraction_strength,
@@ -38,6 +45,16 @@ from lightning_unlearn.metrics.memorisation import (
     mia_min_k_plus_plus,
     mia_zlib,
     privleak,
+)
+from lightning_unlearn.metrics.prefix_tree import (
+    PrefixTree,
+    build_prefix_tree,
+    can_pack,
+    first_variant_logits,
+    node_logits,
+    scored_pairs,
+    tree_batch,
+    variant_nll,
 )
 from lightning_unlearn.metrics.tofu import (
     answer_probability,
@@ -145,6 +162,9 @@ class Evaluator:
         prompt_format: the format the model was trained with.
         batch_size: questions per forward (each with all of its answer variants).
         max_new_tokens: generation budget for ROUGE.
+        generation_batch_size: prompts decoded together (every split's, longest prompt first);
+            finished answers leave the batch, so a large one costs little more per step than a
+            small one on a CPU. The key/value cache holds up to this many rows.
         retain_truth_ratios: the retain model's per-sample forget truth ratios, or a path to its
             report, for ``forget_quality`` (and its min-k MIA AUC, for ``privleak``).
         retain_mia_auc: the retain model's min-k AUC, for ``privleak`` (with a ``holdout`` split).
@@ -155,6 +175,8 @@ class Evaluator:
             loaded is an error, never a skip.
         distributed: under torch.distributed, shard the work across ranks (every rank must call
             ``run``); False evaluates everything on the calling rank.
+        fast: score prefix-packed variants and decode with finished answers dropping out (see the
+            module docstring); False runs the straightforward passes they are checked against.
     """
 
     def __init__(
@@ -171,6 +193,8 @@ class Evaluator:
         cosine_model: str | None = None,
         nli_model: str | None = None,
         distributed: bool = True,
+        generation_batch_size: int = 128,
+        fast: bool = True,
     ) -> None:
         unknown = set(splits) - set(ROLES)
         if unknown:
@@ -179,6 +203,10 @@ class Evaluator:
         self.prompt_format = prompt_format or PromptFormat()
         self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
         self.progress, self.distributed = progress, distributed
+        if generation_batch_size < 1:
+            raise UserError(f"generation_batch_size must be at least 1, got {generation_batch_size}")
+        self.generation_batch_size, self.fast = generation_batch_size, fast
+        self._packing: bool | None = None  # whether prefix packing scores as plain does (per run)
         if isinstance(retain_truth_ratios, (str, Path)):
             retain_report = Report.load(retain_truth_ratios)
             retain_truth_ratios = retain_report.per_sample.get("forget_truth_ratio")
@@ -208,12 +236,10 @@ class Evaluator:
         )
 
     # -- model passes -----------------------------------------------------------------------
-    def _batches(self, items: list, desc: str):
-        starts = range(0, len(items), self.batch_size)
-        return (
-            items[i : i + self.batch_size]
-            for i in tqdm(starts, desc=desc, disable=not self.progress, leave=False)
-        )
+    def _batches(self, items: list, desc: str, size: int | None = None):
+        size = size or self.batch_size
+        starts = range(0, len(items), size)
+        return (items[i : i + size] for i in tqdm(starts, desc=desc, disable=not self.progress, leave=False))
 
     def score(
         self, model, records: list[dict], variants: list[list[str]], desc: str = "score", extras: bool = False
@@ -237,29 +263,95 @@ class Evaluator:
         nll_all = [full[i, : len(variants[i])].tolist() for i in range(len(records))]
         return nll_all, {n: full[:, width + k].tolist() for k, n in enumerate(names)}
 
+    def _encode_variants(self, record: dict, answers: list[str]) -> list[dict[str, list[int]]]:
+        where = f"record {record.get('id')}"
+        return [
+            encode(record["question"], a, self.tokenizer, self.prompt_format, self.max_length, where)
+            for a in answers
+        ]
+
     @torch.no_grad()
     def _score_local(
         self, model, records: list[dict], variants: list[list[str]], desc: str, extras: bool
     ) -> tuple[list[list[float]], dict[str, list[float]]]:
+        encoded = [self._encode_variants(r, a) for r, a in zip(records, variants, strict=True)]
+        if self.fast and can_pack(model) and self._packing is not False:
+            nll, extra = self._score_packed(model, encoded, desc, extras)
+            if self._packing_agrees(model, encoded[0][:2], nll[0][:2]):
+                return nll, extra
+        return self._score_plain(model, encoded, desc, extras)
+
+    def _packing_agrees(self, model, variants: list[dict[str, list[int]]], packed: list[float]) -> bool:
+        """Once per run, a question's first two answers scored in full as well: prefix packing
+        relies on the model taking position ids and a 4D mask as given (true of rotary and
+        learned-position decoders under sdpa or eager attention). An architecture that does not
+        (ALiBi biases built from a 2D mask) scores the packed trees differently (far beyond
+        rounding, which the tolerance leaves room for under bf16), and is scored in full."""
+        if self._packing is None:
+            plain, _ = self._score_plain(model, [variants], "check packing", extras=False)
+            agrees = torch.allclose(torch.tensor(packed), torch.tensor(plain[0]), rtol=2e-2, atol=2e-2)
+            self._packing = self._everywhere(agrees, next(model.parameters()).device)
+            if not self._packing:
+                warnings.warn(
+                    f"prefix-packed scoring disagrees with plain scoring on this model ({packed} vs "
+                    f"{plain[0]}): scoring every answer in full instead",
+                    stacklevel=2,
+                )
+        return self._packing
+
+    def _score_packed(
+        self, model, encoded: list[list[dict[str, list[int]]]], desc: str, extras: bool
+    ) -> tuple[list[list[float]], dict[str, list[float]]]:
+        """Every question's variants as one prefix tree per row, in batches of up to
+        ``batch_size`` trees of similar size (padding under a tenth of a batch; fixed batches of 8
+        sorted trees padded TOFU's by 17%), results put back in question order. A sharded model
+        needs every rank in each forward, so there every rank runs ceil(shard / batch_size)
+        batches. A variant's last token predicts nothing and ends its path: the trees leave it out."""
+        trees = [build_prefix_tree([v["input_ids"][:-1] for v in q]) for q in encoded]
+        batches = similar_length_groups([len(t.tokens) for t in trees], max_size=self.batch_size)
+        if is_sharded(model):
+            order = [i for batch in batches for i in batch]
+            batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        nll: list[list[float]] = [[] for _ in encoded]
+        extra_rows: list[dict[str, float]] = [{} for _ in encoded]
+        for chunk in tqdm(batches, desc=desc, disable=not self.progress, leave=False):
+            values, chunk_extra = self._score_trees(
+                model, [trees[i] for i in chunk], [encoded[i] for i in chunk], extras
+            )
+            for j, i in enumerate(chunk):
+                nll[i] = values[j]
+                extra_rows[i] = {name: column[j] for name, column in chunk_extra.items()}
+        names = list(extra_rows[0]) if extras else []
+        return nll, {name: [row[name] for row in extra_rows] for name in names}
+
+    def _score_trees(
+        self, model, trees: list[PrefixTree], encoded: list[list[dict[str, list[int]]]], extras: bool
+    ) -> tuple[list[list[float]], dict[str, list[float]]]:
+        """One forward over a batch of prefix trees: each variant's mean NLL, and with ``extras``
+        the memorisation and MIA scores of each question's first variant."""
+        pairs = scored_pairs(trees, [[v["labels"] for v in q] for q in encoded])
+        batch = tree_batch(trees, self.tokenizer.pad_token_id, model)
+        logits = node_logits(model, batch, pairs.nodes)
+        flat = variant_nll(logits, pairs, sum(len(q) for q in encoded)).tolist()
+        values, start = [], 0
+        for q in encoded:
+            values.append(flat[start : start + len(q)])
+            start += len(q)
+        if not extras:
+            return values, {}
+        return values, self._extras(*first_variant_logits(logits, pairs))
+
+    @torch.no_grad()
+    def _score_plain(
+        self, model, encoded: list[list[dict[str, list[int]]]], desc: str, extras: bool
+    ) -> tuple[list[list[float]], dict[str, list[float]]]:
+        """Each variant padded and scored in full, questions in split order."""
         device = next(model.parameters()).device
         out: list[list[float]] = []
         extra: dict[str, list[float]] = {}
-        indexed = list(zip(records, variants, strict=True))
-        for chunk in self._batches(indexed, desc):
-            feats, owners = [], []
-            for k, (record, answers) in enumerate(chunk):
-                for answer in answers:
-                    feats.append(
-                        encode(
-                            record["question"],
-                            answer,
-                            self.tokenizer,
-                            self.prompt_format,
-                            self.max_length,
-                            f"record {record.get('id')}",
-                        )
-                    )
-                    owners.append(k)
+        for chunk in self._batches(encoded, desc):
+            feats = [variant for question in chunk for variant in question]
+            owners = [k for k, question in enumerate(chunk) for _ in question]
             batch = {k: v.to(device) for k, v in pad_batch(feats, self.tokenizer.pad_token_id).items()}
             logits, labels = answer_logits(model, batch)
             nll = mean_token_nll(logits, labels).tolist()
@@ -272,6 +364,15 @@ class Evaluator:
                 for name, values in self._extras(logits[first], labels[first]).items():
                     extra.setdefault(name, []).extend(values)
         return out, extra
+
+    def _everywhere(self, flag: bool, device: torch.device) -> bool:
+        """``flag`` on every rank (when sharding work across ranks), so that ranks take the same
+        path: a sharded model needs every rank in each forward."""
+        if _world()[1] == 1 or not self.distributed:
+            return flag
+        value = torch.tensor(float(flag), device=device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        return bool(value.item())
 
     def _extras(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, list[float]]:
         texts = [
@@ -306,6 +407,41 @@ class Evaluator:
 
     @torch.no_grad()
     def _generate_local(self, model, records: list[dict], desc: str, synced: bool = False) -> list[str]:
+        """Greedy answers in record order. Fast: longest prompts first in batches of
+        ``generation_batch_size`` (similar lengths pad little), decoded by ``greedy_decode``
+        unless the model's generation config adds processors; else ``generate`` per batch of
+        ``batch_size`` in record order."""
+        prompts = [
+            encode_prompt(r["question"], self.tokenizer, self.prompt_format, self.max_length) for r in records
+        ]
+        if not self.fast:
+            return self._decode(model, prompts, desc, self.batch_size, synced, loop=False)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        texts = self._decode(
+            model, [prompts[i] for i in order], desc, self.generation_batch_size, synced, plain_greedy(model)
+        )
+        ordered = [""] * len(prompts)
+        for i, text in zip(order, texts, strict=True):
+            ordered[i] = text
+        return ordered
+
+    def _decode(
+        self, model, prompts: list[list[int]], desc: str, size: int, synced: bool, loop: bool
+    ) -> list[str]:
+        """Texts of the greedy continuations, ``size`` prompts at a time, through ``greedy_decode``
+        (``loop``) or ``generate``; stripped, special tokens skipped."""
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        texts: list[str] = []
+        for chunk in self._batches(prompts, desc, size):
+            if loop:
+                tokens = greedy_decode(model, chunk, eos, pad, self.max_new_tokens, synced=synced)
+            else:
+                tokens = self._generate(model, chunk, synced)
+            texts += [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        return texts
+
+    def _generate(self, model, prompts: list[list[int]], synced: bool) -> list[list[int]]:
+        """Hugging Face ``generate`` on one left-padded batch: the new tokens of each row."""
         device = next(model.parameters()).device
         config = GenerationConfig(
             max_new_tokens=self.max_new_tokens,
@@ -313,25 +449,13 @@ class Evaluator:
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
-        texts = []
-        for chunk in self._batches(records, desc):
-            prompts = [
-                {
-                    "input_ids": encode_prompt(
-                        r["question"], self.tokenizer, self.prompt_format, self.max_length
-                    )
-                }
-                for r in chunk
-            ]
-            batch = {
-                k: v.to(device)
-                for k, v in pad_batch(prompts, self.tokenizer.pad_token_id, side="left").items()
-            }
-            # synced: ranks step together until all finish (sharded models need every rank).
-            generated = model.generate(**batch, generation_config=config, synced_gpus=synced)
-            new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            texts += [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-        return texts
+        features = [{"input_ids": p} for p in prompts]
+        batch = {
+            k: v.to(device) for k, v in pad_batch(features, self.tokenizer.pad_token_id, side="left").items()
+        }
+        # synced: ranks step together until all finish (sharded models need every rank).
+        generated = model.generate(**batch, generation_config=config, synced_gpus=synced)
+        return generated[:, batch["input_ids"].shape[1] :].tolist()
 
     # -- metrics ----------------------------------------------------------------------------
     def run(self, model) -> Report:
@@ -339,10 +463,12 @@ class Evaluator:
         was_training = model.training
         model.eval()
         report = Report(settings={"batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens})
+        self._packing = None
         try:
+            generated = self._generate_all(model)
             for role, records in self.splits.items():
                 if role != "holdout":
-                    self._evaluate_role(model, role, records, report)
+                    self._evaluate_role(model, role, records, report, generated.get(role))
             if "holdout" in self.splits and "forget" in self.splits:
                 self._membership_inference(model, report)
         finally:
@@ -359,6 +485,20 @@ class Evaluator:
                 report.settings[f"{name}_components"] = used
         return report
 
+    def _generate_all(self, model) -> dict[str, list[str]]:
+        """Every generating split's greedy answers. Fast: all splits' prompts in one decode, so
+        that its large batches are not cut at each split's end; else split by split."""
+        roles = [role for role in self.splits if role != "holdout"] if self.max_new_tokens > 0 else []
+        if not self.fast:
+            return {role: self.generate(model, self.splits[role], desc=f"generate {role}") for role in roles}
+        records = [r for role in roles for r in self.splits[role]]
+        texts = self.generate(model, records, desc="generate") if records else []
+        out, start = {}, 0
+        for role in roles:
+            out[role] = texts[start : start + len(self.splits[role])]
+            start += len(self.splits[role])
+        return out
+
     def _membership_inference(self, model, report: Report) -> None:
         """AUC of each MIA score separating forget (members) from holdout (non-members), and
         privleak against the retain model's min-k AUC when it is known (open-unlearning's choice)."""
@@ -372,7 +512,9 @@ class Evaluator:
         if self.retain_mia_auc is not None:
             report.metrics["privleak"] = privleak(report.metrics["mia_min_k"], self.retain_mia_auc)
 
-    def _evaluate_role(self, model, role: str, records: list[dict], report: Report) -> None:
+    def _evaluate_role(
+        self, model, role: str, records: list[dict], report: Report, generated: list[str] | None
+    ) -> None:
         prefix = ROLES[role]
         has_tr = bool(self.required_fields(role, records))
         variants = []
@@ -416,8 +558,7 @@ class Evaluator:
                 normalised = prob_normalised(answer_nll, perturbed)
                 report.per_sample[f"{prefix}_Q_A_Prob_normalised"] = normalised.tolist()
                 report.metrics[f"{prefix}_Q_A_Prob_normalised"] = normalised.mean().item()
-        if self.max_new_tokens > 0:
-            generated = self.generate(model, records, desc=f"generate {role}")
+        if generated is not None:
             references = [r["answer"] for r in records]
             rouge = rouge_l_recall(generated, references)
             per_sample = {
