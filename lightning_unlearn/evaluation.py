@@ -35,7 +35,12 @@ from lightning_unlearn.metrics.generation import (
     EntailmentScore,
     text_token_entropy,
 )
-from lightning_unlearn.metrics.greedy import greedy_decode, plain_greedy, similar_length_groups
+from lightning_unlearn.metrics.greedy import (
+    cache_bytes_per_row,
+    greedy_decode,
+    plain_greedy,
+    similar_length_groups,
+)
 from lightning_unlearn.metrics.memorisation import (
     exact_memorization,
     extraction_strength,
@@ -77,6 +82,9 @@ ROLES = {
     "holdout": "holdout",
 }
 MIA_SCORES = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
+# Key/value cache a fast decode may fill when generation_batch_size is None: the decode
+# preallocates it for its whole length, so this bounds its memory.
+GENERATION_CACHE_BYTES = 2 << 30
 # Roles whose truth ratio takes the paraphrased answer as the correct side (TOFU authors).
 PARAPHRASE_ROLES = ("forget", "retain")
 
@@ -164,7 +172,9 @@ class Evaluator:
         max_new_tokens: generation budget for ROUGE.
         generation_batch_size: prompts decoded together (every split's, longest prompt first);
             finished answers leave the batch, so a large one costs little more per step than a
-            small one on a CPU. The key/value cache holds up to this many rows.
+            small one on a CPU. None: as many as a key/value cache of ``GENERATION_CACHE_BYTES``
+            holds (SmolLM2 at 200 new tokens: about 190 prompts; Llama-2-7B in bf16: 15), and at
+            least ``batch_size``.
         retain_truth_ratios: the retain model's per-sample forget truth ratios, or a path to its
             report, for ``forget_quality`` (and its min-k MIA AUC, for ``privleak``).
         retain_mia_auc: the retain model's min-k AUC, for ``privleak`` (with a ``holdout`` split).
@@ -193,7 +203,7 @@ class Evaluator:
         cosine_model: str | None = None,
         nli_model: str | None = None,
         distributed: bool = True,
-        generation_batch_size: int = 128,
+        generation_batch_size: int | None = None,
         fast: bool = True,
     ) -> None:
         unknown = set(splits) - set(ROLES)
@@ -203,7 +213,7 @@ class Evaluator:
         self.prompt_format = prompt_format or PromptFormat()
         self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
         self.progress, self.distributed = progress, distributed
-        if generation_batch_size < 1:
+        if generation_batch_size is not None and generation_batch_size < 1:
             raise UserError(f"generation_batch_size must be at least 1, got {generation_batch_size}")
         self.generation_batch_size, self.fast = generation_batch_size, fast
         self._packing: bool | None = None  # whether prefix packing scores as plain does (per run)
@@ -417,13 +427,19 @@ class Evaluator:
         if not self.fast:
             return self._decode(model, prompts, desc, self.batch_size, synced, loop=False)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        texts = self._decode(
-            model, [prompts[i] for i in order], desc, self.generation_batch_size, synced, plain_greedy(model)
-        )
+        size = self._generation_rows(model, max(len(p) for p in prompts))
+        texts = self._decode(model, [prompts[i] for i in order], desc, size, synced, plain_greedy(model))
         ordered = [""] * len(prompts)
         for i, text in zip(order, texts, strict=True):
             ordered[i] = text
         return ordered
+
+    def _generation_rows(self, model, prompt_length: int) -> int:
+        """Prompts per decode: ``generation_batch_size``, or as many as the cache budget holds."""
+        if self.generation_batch_size is not None:
+            return self.generation_batch_size
+        per_row = cache_bytes_per_row(model, prompt_length + self.max_new_tokens)
+        return max(self.batch_size, GENERATION_CACHE_BYTES // per_row) if per_row else self.batch_size
 
     def _decode(
         self, model, prompts: list[list[int]], desc: str, size: int, synced: bool, loop: bool

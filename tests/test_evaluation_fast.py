@@ -14,12 +14,13 @@ import torch
 from conftest import TINY_LLAMA
 from transformers import GenerationConfig
 
+from lightning_unlearn import evaluation
 from lightning_unlearn.data.collate import pad_batch
 from lightning_unlearn.data.formatting import PromptFormat, encode, encode_prompt
 from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.evaluation import Evaluator
-from lightning_unlearn.metrics.greedy import greedy_decode, plain_greedy
+from lightning_unlearn.metrics.greedy import greedy_decode, plain_greedy, similar_length_groups
 from lightning_unlearn.metrics.prefix_tree import ancestor_mask, build_prefix_tree
 from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model
 
@@ -116,6 +117,7 @@ def test_greedy_decode_equals_generate_and_each_prompt_alone(tiny):
     records = [r for role in ("forget", "retain", "world_facts") for r in splits[role]]
     prompts = [encode_prompt(r["question"], tokenizer, PromptFormat(), 64) for r in records]
     assert len({len(p) for p in prompts}) > 3  # padding differs from row to row
+    assert len(similar_length_groups([len(p) for p in prompts])) > 2  # prefilled in groups, stacked
     pad = tokenizer.pad_token_id
     eos = _frequent_token(model, prompts, pad)
     batched = greedy_decode(model, prompts, eos, pad, max_new_tokens=12)
@@ -133,6 +135,29 @@ def test_greedy_decode_equals_generate_and_each_prompt_alone(tiny):
         for row in out.tolist():  # generate pads after EOS; the loop stops there
             reference.append(row[: row.index(eos) + 1] if eos in row else row)
     assert batched == reference
+
+
+def test_cache_budget_counts_the_bytes_the_decode_preallocates(tiny):
+    """generation_batch_size=None sizes the decode by its cache: the estimate per row is what the
+    preallocated cache of a decode holds per row."""
+    from lightning_unlearn.metrics import greedy
+
+    tokenizer, model, splits = tiny
+    prompts = [encode_prompt(r["question"], tokenizer, PromptFormat(), 64) for r in splits["forget"]]
+    capacity = max(len(p) for p in prompts) + 5
+    state = greedy._prefill(model, prompts, tokenizer.pad_token_id, capacity, grouped=True)
+    held = sum(b.nbytes for layer in state["cache"].layers for b in layer.buffers)
+    assert held == len(prompts) * greedy.cache_bytes_per_row(model, capacity)
+    evaluator = Evaluator(tokenizer, splits, batch_size=3, max_new_tokens=5, progress=False)
+    rows = evaluator._generation_rows(model, capacity - 5)
+    assert rows == evaluation.GENERATION_CACHE_BYTES // greedy.cache_bytes_per_row(model, capacity)
+
+
+def test_similar_length_groups_bound_padding():
+    lengths = [10, 30, 29, 28, 12, 27, 9, 11, 26, 25]
+    groups = similar_length_groups(lengths, max_size=3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert [[lengths[i] for i in g] for g in groups] == [[30, 29, 28], [27, 26, 25], [12, 11], [10, 9]]
 
 
 def test_fast_report_equals_the_straightforward_one(tiny):
@@ -158,7 +183,6 @@ def test_a_generation_config_with_processors_decodes_through_generate(tiny, monk
     assert plain_greedy(model)
     model.generation_config.repetition_penalty = 1.5
     assert not plain_greedy(model)
-    import lightning_unlearn.evaluation as evaluation
 
     def refuse(*args, **kwargs):
         raise AssertionError("greedy_decode ran under a repetition penalty")
@@ -173,7 +197,6 @@ def test_a_generation_config_with_processors_decodes_through_generate(tiny, monk
 def test_packing_that_disagrees_falls_back_to_plain_scoring(tiny, monkeypatch):
     """An architecture that ignores the packed tree's positions or mask scores it differently: the
     check on the first question catches it, warns, and the run scores every answer in full."""
-    import lightning_unlearn.evaluation as evaluation
 
     tokenizer, model, splits = tiny
     wrong = evaluation.node_logits

@@ -55,6 +55,20 @@ NEUTRAL_SETTINGS: dict[str, tuple] = {
 }
 
 
+def cache_bytes_per_row(model, positions: int) -> int | None:
+    """Bytes of key/value cache one sequence of ``positions`` tokens takes (None if the config does
+    not say): 2 (keys, values) x layers x key/value heads x head size x element size."""
+    config = _base(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers = config.num_hidden_layers
+    except AttributeError:
+        return None
+    return 2 * layers * heads * head_dim * next(model.parameters()).element_size() * positions
+
+
 def plain_greedy(model) -> bool:
     """Whether ``generate``, given only max_new_tokens, do_sample=False, pad and EOS, is plain
     argmax decoding for ``model``: its own generation config may add processors (a repetition
@@ -113,17 +127,13 @@ if DynamicLayer is not None:
         positions. The values attention reads are the same."""
 
         @classmethod
-        def holding(cls, layer: DynamicLayer, capacity: int) -> PreallocatedLayer:
-            """A layer holding ``layer``'s keys and values, with room for ``capacity`` positions."""
-            new = cls()
-            new.device, new.is_initialized = layer.keys.device, True
-            new.buffers = []
-            for cached in (layer.keys, layer.values):
-                buffer = cached.new_empty((*cached.shape[:-2], capacity, cached.shape[-1]))
-                buffer[..., : cached.shape[-2], :] = cached
-                new.buffers.append(buffer)
-            new._view(layer.keys.shape[-2])
-            return new
+        def over(cls, keys: torch.Tensor, values: torch.Tensor, length: int) -> PreallocatedLayer:
+            """A layer on the buffers ``keys`` and ``values`` ``[B, H, capacity, D]``, of which
+            the first ``length`` positions are filled."""
+            layer = cls()
+            layer.device, layer.is_initialized, layer.buffers = keys.device, True, [keys, values]
+            layer._view(length)
+            return layer
 
         def _view(self, length: int) -> None:
             self.keys, self.values = (b[..., :length, :] for b in self.buffers)
@@ -145,17 +155,6 @@ if DynamicLayer is not None:
                 buffers.append(kept)
             self.buffers = buffers
             self._view(length)
-
-
-def _preallocate(cache, capacity: int) -> None:
-    """Swap the cache's plain full-attention layers for preallocated ones (sliding-window and
-    other layer kinds, and caches of older transformers, stay as they are)."""
-    layers = getattr(cache, "layers", None)
-    if DynamicLayer is None or layers is None:
-        return
-    for i, layer in enumerate(layers):
-        if type(layer) is DynamicLayer and layer.keys is not None and layer.keys.dim() == 4:
-            layers[i] = PreallocatedLayer.holding(layer, capacity)
 
 
 def _left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,40 +184,38 @@ def similar_length_groups(
     return groups
 
 
-def _mergeable(cache) -> bool:
+def _stackable(cache) -> bool:
+    """Whether the cache is a list of plain full-attention layers (transformers >= 4.56), which
+    ``_stack`` can rebuild; sliding-window and other layer kinds are left to transformers."""
     layers = getattr(cache, "layers", None)
     return DynamicLayer is not None and bool(layers) and all(type(x) is DynamicLayer for x in layers)
 
 
-def _merge(caches: list, widths: list[int], capacity: int):
-    """One cache for the groups' rows stacked in order, each group's positions right-aligned in a
-    common left-padded width (the padding zeroed: attention gives it weight 0, and 0 x garbage
-    could be NaN)."""
+def _stack(caches: list, widths: list[int], capacity: int):
+    """One cache of preallocated layers holding the caches' rows in order, each cache's positions
+    right-aligned in the widest one's width (left padding, zeroed: attention gives it weight 0,
+    and 0 x uninitialised memory could be NaN)."""
     width = max(widths)
-    merged = caches[0]
-    for i in range(len(merged.layers)):
-        layer = PreallocatedLayer.holding(merged.layers[i], capacity)
-        rows = sum(c.layers[i].keys.shape[0] for c in caches)
-        for b, cached in enumerate(("keys", "values")):
-            template = getattr(merged.layers[i], cached)
-            buffer = template.new_zeros((rows, *template.shape[1:-2], capacity, template.shape[-1]))
-            start = 0
-            for cache, w in zip(caches, widths, strict=True):
-                part = getattr(cache.layers[i], cached)
+    stacked = caches[0]
+    for i in range(len(stacked.layers)):
+        buffers = []
+        for name in ("keys", "values"):
+            parts = [getattr(cache.layers[i], name) for cache in caches]
+            shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:-2], capacity, parts[0].shape[-1])
+            buffer, start = parts[0].new_zeros(shape), 0
+            for part, w in zip(parts, widths, strict=True):
                 buffer[start : start + part.shape[0], ..., width - w : width, :] = part
                 start += part.shape[0]
-            layer.buffers[b] = buffer
-        layer._view(width)
-        merged.layers[i] = layer
-    return merged
+            buffers.append(buffer)
+        stacked.layers[i] = PreallocatedLayer.over(*buffers, width)
+    return stacked
 
 
 def _prefill(model, prompts: list[list[int]], pad_id: int, capacity: int, grouped: bool) -> dict:
-    """The prompts' forward: last-position logits, the cache (room for ``capacity`` positions),
-    the attention mask, the next position id and the prompt index of each row. ``grouped``: run
-    groups of similar prompt length separately (left padding to the longest prompt of a large
-    batch wasted 45% of the TOFU prefill) and stack their caches, where the cache is made of
-    plain full-attention layers."""
+    """The prompts' forward: last-position logits, the cache (room for ``capacity`` positions
+    where it is ``_stackable``), the attention mask, the next position id and the prompt index of
+    each row. ``grouped``: run groups of similar prompt length separately and stack their caches
+    (left padding to the longest prompt of a large batch wasted 45% of the TOFU prefill)."""
     device = next(model.parameters()).device
     groups = similar_length_groups([len(p) for p in prompts]) if grouped else [list(range(len(prompts)))]
     parts = []
@@ -227,20 +224,18 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, capacity: int, groupe
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         logits, cache = _forward_last(model, inputs, None)
-        if len(groups) > 1 and not _mergeable(cache):
+        if len(groups) > 1 and not _stackable(cache):
             return _prefill(model, prompts, pad_id, capacity, grouped=False)
         parts.append((logits, cache, mask, positions[:, -1]))
-    rows = torch.tensor([i for group in groups for i in group], device=device)
-    if len(parts) == 1:
-        logits, cache, mask, last = parts[0]
-        _preallocate(cache, capacity)
-    else:
-        widths = [part[2].size(1) for part in parts]
-        cache = _merge([part[1] for part in parts], widths, capacity)
-        mask = torch.cat([F.pad(part[2], (max(widths) - part[2].size(1), 0)) for part in parts])
-        logits = torch.cat([part[0] for part in parts])
-        last = torch.cat([part[3] for part in parts])
-    return {"logits": logits, "cache": cache, "mask": mask, "next": last + 1, "rows": rows}
+    widths = [part[2].size(1) for part in parts]
+    cache = _stack([p[1] for p in parts], widths, capacity) if _stackable(parts[0][1]) else parts[0][1]
+    return {
+        "logits": torch.cat([part[0] for part in parts]),
+        "cache": cache,
+        "mask": torch.cat([F.pad(part[2], (max(widths) - part[2].size(1), 0)) for part in parts]),
+        "next": torch.cat([part[3] for part in parts]) + 1,
+        "rows": torch.tensor([i for group in groups for i in group], device=device),
+    }
 
 
 def _worth_dropping(rows: int, keep: int) -> bool:
