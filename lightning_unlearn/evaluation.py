@@ -27,6 +27,7 @@ from lightning_unlearn.data.records import validate_record
 from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.distributed import shard_indices
 from lightning_unlearn.errors import UserError
+from lightning_unlearn.logits import decoder_and_head, soft_capped
 from lightning_unlearn.losses import IGNORE_INDEX, mean_token_nll
 from lightning_unlearn.metrics.closer_look import closer_look_fe, closer_look_mu
 from lightning_unlearn.metrics.generation import (
@@ -115,14 +116,6 @@ def _gather_rows(index: list[int], rows: torch.Tensor, n: int, device: torch.dev
     return full
 
 
-def _decoder_and_head(model) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
-    """The transformer body and output projection of a Hugging Face causal LM (through peft)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    get_decoder = getattr(base, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    return decoder, base.get_output_embeddings() if decoder is not None else None
-
-
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits only at the positions that predict an answer token, with matching labels.
 
@@ -137,8 +130,8 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     forward of the whole model.
     """
     labels = batch["labels"]
-    decoder, head = (None, None) if is_sharded(model) else _decoder_and_head(model)
-    if decoder is None or head is None:
+    decoder, head = decoder_and_head(model)
+    if decoder is None:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, labels
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     scored = labels[:, 1:] != IGNORE_INDEX  # position t predicts label t + 1
@@ -148,10 +141,7 @@ def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     order = torch.argsort((~scored).to(torch.int8), dim=1, stable=True)[:, : width - 1]
     order = torch.cat([order, torch.zeros_like(order[:, :1])], dim=1)
     gathered = hidden[:, :-1].gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
-    logits = head(gathered)
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
+    logits = soft_capped(model, head(gathered))
     targets = labels[:, 1:].gather(1, order[:, :-1])
     targets = targets.masked_fill(
         torch.arange(width - 1, device=labels.device) >= counts[:, None], IGNORE_INDEX

@@ -33,6 +33,11 @@ CHUNK_ELEMENTS = 1 << 23
 RowFn = Callable[..., Tensor]
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """The transformer body and output layer of a Hugging Face causal LM (through peft), or
     ``(None, None)`` where logits are not simply ``head(body(x))``: FSDP2-sharded models (their
@@ -41,7 +46,7 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | No
     ``logit_scale``). Gemma-2's soft-capping is applied by ``HeadLogits`` itself."""
     if is_sharded(model):
         return None, None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in ("logits_scaling", "logit_scale")):
         return None, None
@@ -53,8 +58,13 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | No
 
 def softcap(model: nn.Module) -> float | None:
     """The model's final logit soft-capping (Gemma-2), or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(base, "config", None), "final_logit_softcapping", None) or None
+    return getattr(getattr(base_model(model), "config", None), "final_logit_softcapping", None) or None
+
+
+def soft_capped(model: nn.Module, logits: Tensor) -> Tensor:
+    """``logits`` with the model's final soft-capping (Gemma-2: ``tanh(z / cap) * cap``), if any."""
+    cap = softcap(model)
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 class Logits:

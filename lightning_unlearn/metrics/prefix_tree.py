@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lightning_unlearn.logits import base_model, decoder_and_head, soft_capped
 from lightning_unlearn.losses import IGNORE_INDEX
-from lightning_unlearn.sharding import is_sharded
 
 # Attention implementations that take an arbitrary 4D mask, and the mask's form for each.
 PACKABLE_ATTENTION = ("sdpa", "eager")
@@ -70,8 +70,7 @@ def ancestor_mask(parents: Sequence[int], width: int) -> torch.Tensor:
 
 
 def attention_implementation(model) -> str | None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(getattr(base, "config", None), "_attn_implementation", None)
+    return getattr(getattr(base_model(model), "config", None), "_attn_implementation", None)
 
 
 def can_pack(model) -> bool:
@@ -132,27 +131,19 @@ def scored_pairs(trees: Sequence[PrefixTree], labels: Sequence[Sequence[Sequence
     return ScoredPairs(list(where), pair_node, pair_target, pair_variant, first)
 
 
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def node_logits(model, batch: dict[str, torch.Tensor], nodes: list[tuple[int, int]]) -> torch.Tensor:
     """Logits ``[len(nodes), V]`` at the given (row, node) positions of a packed batch. The body
     runs once over the trees and the output layer on those positions only; FSDP2-sharded models
     (whose head is gathered only by a whole forward) and models without a separable head use the
     full logits."""
-    base = _base(model)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     index = torch.tensor(nodes, dtype=torch.long, device=device).reshape(-1, 2)
-    get_decoder = getattr(base, "get_decoder", None)
-    scale = [getattr(base.config, n, None) for n in ("logits_scaling", "logit_scale")]
-    if is_sharded(model) or not callable(get_decoder) or any(s not in (None, 1, 1.0) for s in scale):
+    body, head = decoder_and_head(model)
+    if body is None:
         return model(**batch, use_cache=False).logits[index[:, 0], index[:, 1]]
-    hidden = get_decoder()(**batch, use_cache=False).last_hidden_state
-    logits = base.get_output_embeddings()(hidden[index[:, 0], index[:, 1]])
-    cap = getattr(base.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    hidden = body(**batch, use_cache=False).last_hidden_state
+    return soft_capped(model, head(hidden[index[:, 0], index[:, 1]]))
 
 
 def variant_nll(logits: torch.Tensor, pairs: ScoredPairs, n_variants: int) -> torch.Tensor:
