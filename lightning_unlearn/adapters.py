@@ -14,6 +14,7 @@ import math
 import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.other import get_pattern_key
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -131,33 +132,218 @@ def load_factors(directory: str | Path) -> Factors:
     return factors
 
 
+GRAMS_FORMAT = "lightning_unlearn.grams/2"
+
+
+@dataclass(frozen=True, eq=False)
+class Gram:
+    """One request's Gram matrix G = X^T X of a layer's inputs X [n, in] (RegMean, Jin et al. 2023,
+    "Dataless Knowledge Fusion by Merging Weights of Language Models"), in whichever exact form is
+    smaller: a factor F [rows, in] with F^T F = G when rows < in (G has rank at most n, so n tokens
+    need only n rows), else G itself. Exactly one of ``factor`` and ``dense`` is set. Modules that
+    read the same input hold the same ``Gram`` object, which is stored once and fused once."""
+
+    factor: Tensor | None = None
+    dense: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.factor is None) == (self.dense is None):
+            raise ValueError("a Gram is either a factor or dense")
+
+    @property
+    def in_dim(self) -> int:
+        return (self.dense if self.factor is None else self.factor).shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.dense if self.factor is None else self.factor).dtype
+
+    def matrix(self) -> Tensor:
+        """G [in, in] in float64."""
+        if self.dense is not None:
+            return self.dense.double()
+        f = self.factor.double()
+        return f.T @ f
+
+
+def factor_of_rows(x: Tensor) -> Tensor:
+    """The thinnest exact factor of X^T X from the rows X [n, in] (n < in), as R [n', in] from a QR
+    decomposition X' = QR: R^T R = X'^T Q^T Q X' = X'^T X'. X' is X with identical rows merged (one
+    row times sqrt(count): a prompt prefix shared by every record gives identical hidden states at
+    every layer), so n' <= n. R's rows are signed to a non-negative diagonal, which makes R the
+    unique such upper-trapezoidal factor of the Gram (when X's leading columns are independent),
+    whatever order the rows came in (1 process or gathered from several). Unique is not
+    well-conditioned: where X's rows are nearly dependent, rounding-level changes in X move R's
+    trailing rows far more than they move R^T R, so compare Grams, never factors. Being
+    upper-trapezoidal, R is saved packed in n' in - n'(n'-1)/2 numbers, fewer than the in(in+1)/2
+    of a packed dense Gram whenever n' < in. (X itself is exact too but not thinner, and scaled
+    eigenvectors of X X^T cost an eigendecomposition and pack no better.) Computed in float64."""
+    # c identical rows x contribute c x^T x = (sqrt(c) x)^T (sqrt(c) x): one row does
+    unique, counts = torch.unique(x.double(), dim=0, return_counts=True)
+    r = torch.linalg.qr(unique * counts.double().sqrt()[:, None], mode="r").R
+    sign = torch.where(r.diagonal() < 0, -1.0, 1.0).to(r.dtype)
+    return r * sign[:, None]
+
+
+def pack_triu(m: Tensor) -> Tensor:
+    """The upper-triangular (or -trapezoidal) part of ``m`` as a flat vector, row by row."""
+    rows, cols = torch.triu_indices(m.shape[0], m.shape[1])
+    return m[rows, cols].contiguous()
+
+
+def unpack_triu(v: Tensor, shape: tuple[int, int], symmetric: bool) -> Tensor:
+    """Inverse of ``pack_triu``; ``symmetric`` mirrors it into the lower triangle (a dense Gram)."""
+    rows, cols = torch.triu_indices(*shape)
+    m = v.new_zeros(shape)
+    m[rows, cols] = v
+    return m + m.triu(1).T if symmetric else m
+
+
+def save_grams(path: str | Path, grams: dict[str, Gram]) -> None:
+    """Write one request's Grams: one packed tensor per distinct ``Gram`` object (modules sharing
+    an input share it), named by the first module that reads it; the header's metadata maps every
+    module to its tensor and says each tensor's kind and shape."""
+    owners: dict[int, str] = {}
+    modules: dict[str, str] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, Tensor] = {}
+    for name, gram in grams.items():
+        key = owners.setdefault(id(gram), name)
+        modules[name] = key
+        if key == name:
+            value = gram.dense if gram.factor is None else gram.factor
+            kind = "dense" if gram.factor is None else "factor"
+            entries[key] = {"kind": kind, "shape": list(value.shape)}
+            tensors[key] = pack_triu(value.detach().float().cpu())
+    metadata = {"format": GRAMS_FORMAT, "modules": json.dumps(modules), "entries": json.dumps(entries)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_grams(path: str | Path) -> dict[str, Gram]:
+    """A request's Grams by module name, from ``save_grams``'s format or the earlier one (one dense
+    [in, in] Gram per module name, no metadata). Modules that share a stored tensor share one
+    ``Gram`` object, so ``RegMeanSums`` fuses them over one factorisation."""
+    tensors = load_tensors(path)
+    metadata = _safetensors_metadata(path)
+    if metadata.get("format") != GRAMS_FORMAT:
+        for name, g in tensors.items():
+            if g.ndim != 2 or g.shape[0] != g.shape[1]:
+                raise UserError(f"'{path}': Gram '{name}' is {tuple(g.shape)}, not square")
+        return {name: Gram(dense=g) for name, g in tensors.items()}
+    try:
+        modules, entries = json.loads(metadata["modules"]), json.loads(metadata["entries"])
+        grams = {key: _unpacked(tensors[key], spec) for key, spec in entries.items()}
+        return {name: grams[key] for name, key in modules.items()}
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"'{path}' is not a readable Gram file ({brief(err)})") from None
+
+
+def _unpacked(packed: Tensor, spec: dict[str, Any]) -> Gram:
+    """One stored entry as a ``Gram``, its declared shape checked against the packed tensor's size
+    before anything is allocated (the file may come from anywhere)."""
+    rows, cols = (int(n) for n in spec["shape"])
+    square = spec["kind"] == "dense"
+    if spec["kind"] not in ("dense", "factor") or not 0 <= rows <= cols or (square and rows != cols):
+        raise ValueError(f"bad entry {spec}")
+    if packed.ndim != 1 or packed.numel() != rows * cols - rows * (rows - 1) // 2:
+        raise ValueError(f"a packed tensor of {packed.numel()} numbers for {spec}")
+    matrix = unpack_triu(packed, (rows, cols), symmetric=square)
+    return Gram(dense=matrix) if square else Gram(factor=matrix)
+
+
+def _safetensors_metadata(path: str | Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"'{path}' is not a readable safetensors file ({err})") from None
+
+
+@dataclass(frozen=True, eq=False)
+class GramSum:
+    """sum_k G_k of one module over the requests so far, in float64: the stacked factors
+    F = [F_1; F_2; ...] (F^T F = sum_k F_k^T F_k) with their cached inner products K = F F^T while
+    F has fewer rows than in_dim, else the dense sum. Immutable: modules that read one input share
+    a sum for as long as they were adapted in the same requests."""
+
+    factor: Tensor | None = None
+    inner: Tensor | None = None
+    dense: Tensor | None = None
+
+    @property
+    def in_dim(self) -> int:
+        return (self.dense if self.factor is None else self.factor).shape[1]
+
+    def trace(self) -> float:
+        return float((self.dense if self.factor is None else self.inner).diagonal().sum())
+
+    def matrix(self) -> Tensor:
+        return self.dense if self.factor is None else self.factor.T @ self.factor
+
+
+def gram_sum_plus(total: GramSum | None, gram: Gram, matrix: Tensor) -> GramSum:
+    """``total`` + G (``matrix``: G's factor or G in float64). Stays factored while the stacked rows
+    stay under in_dim: there the Woodbury solve (rank m) is cheaper than the dense one (rank in);
+    beyond it the sum turns dense, once, and new Grams are added densely."""
+    if gram.factor is not None and (total is None or total.factor is not None):
+        stacked = matrix if total is None else torch.cat([total.factor, matrix])
+        if stacked.shape[0] < stacked.shape[1]:
+            if total is None:
+                return GramSum(factor=stacked, inner=matrix @ matrix.T)
+            cross = matrix @ total.factor.T
+            inner = torch.cat(
+                [torch.cat([total.inner, cross.T], 1), torch.cat([cross, matrix @ matrix.T], 1)]
+            )
+            return GramSum(factor=stacked, inner=inner)
+    dense = matrix.T @ matrix if gram.factor is not None else matrix
+    return GramSum(dense=dense if total is None else total.matrix() + dense)
+
+
+@dataclass(frozen=True)
+class RegMeanTerm:
+    """One module of one request: B_k, the projection P_k = A_k G_k [r, in] and, when G_k = F_k^T F_k
+    is factored, the coefficients C_k = A_k F_k^T [r, n_k] (P_k = C_k F_k), all but B in float64."""
+
+    b: Tensor
+    p: Tensor
+    coef: Tensor | None
+
+
 class RegMeanSums:
-    """RegMean's running sums over requests: per module G = sum_k G_k and, per request, B_k and the
-    projection P_k = A_k G_k (r_k x in). That is all the closed form needs, so request k+1 adds one
-    Gram and one small projection instead of reloading every earlier request's Grams: fusion time
-    stays flat as requests accumulate. Kept in float64."""
+    """RegMean's running sums over requests: per module G = sum_k G_k (a ``GramSum``) and, per request,
+    B_k and the projection P_k = A_k G_k (r_k x in). That is all the closed form needs, so request
+    k+1 adds one Gram and one small projection instead of reloading every earlier request's Grams:
+    fusion time stays flat as requests accumulate. Modules given the same ``Gram`` object (one
+    input read by q/k/v, say) share one sum and one factorisation. Kept in float64."""
 
     def __init__(self) -> None:
-        self.gram_sum: dict[str, Tensor] = {}
-        self.terms: list[dict[str, tuple[Tensor, Tensor]]] = []
+        self.sums: dict[str, GramSum] = {}
+        self.terms: list[dict[str, RegMeanTerm]] = []
         self.eps = 0.0
 
-    def add(self, factors: Factors, grams: dict[str, Tensor]) -> None:
-        """One request: its factors and its Grams (keyed by the same module names)."""
+    def add(self, factors: Factors, grams: dict[str, Tensor | Gram]) -> None:
+        """One request: its factors and its Grams (keyed by the same module names; a Tensor is a
+        dense Gram)."""
         k = len(self.terms)
+        wrapped = {id(g): Gram(dense=g) for g in grams.values() if isinstance(g, Tensor)}
+        matrices: dict[int, Tensor] = {}
+        new_sums: dict[tuple[int, int], tuple[GramSum | None, GramSum]] = {}
         terms = {}
         for name, (b, a) in factors.items():
             if name not in grams:
                 raise UserError(f"regmean: request {k} has an adapter for '{name}' but no Gram matrix")
-            g = grams[name]
-            if g.shape != (a.shape[1], a.shape[1]):
-                raise UserError(
-                    f"regmean: Gram of '{name}' (request {k}) is {tuple(g.shape)}, want {a.shape[1]}^2"
-                )
-            self.eps = max(self.eps, torch.finfo(g.dtype).eps)
-            g = g.to(device=a.device, dtype=torch.float64)
-            self.gram_sum[name] = g if name not in self.gram_sum else self.gram_sum[name] + g
-            terms[name] = (b, a.double() @ g)
+            gram = wrapped.get(id(grams[name]), grams[name])
+            if gram.in_dim != a.shape[1] or (gram.dense is not None and gram.dense.shape[0] != a.shape[1]):
+                shape = tuple((gram.dense if gram.factor is None else gram.factor).shape)
+                raise UserError(f"regmean: Gram of '{name}' (request {k}) is {shape}, want {a.shape[1]}^2")
+            self.eps = max(self.eps, torch.finfo(gram.dtype).eps)
+            matrix = matrices.setdefault(id(gram), _float64(gram).to(a.device))
+            previous = self.sums.get(name)
+            key = (id(previous), id(gram))
+            if key not in new_sums:  # holding ``previous`` keeps its id from being reused meanwhile
+                new_sums[key] = (previous, gram_sum_plus(previous, gram, matrix))
+            self.sums[name] = new_sums[key][1]
+            terms[name] = _term(b, a, gram, matrix)
         self.terms.append(terms)
 
     def fuse(self, ridge: float = DEFAULT_RIDGE) -> tuple[Factors, dict[str, Any]]:
@@ -166,26 +352,76 @@ class RegMeanSums:
             raise UserError("regmean: no requests to fuse")
         if ridge < 0:
             raise UserError(f"regmean: ridge must be >= 0, got {ridge}")
+        groups: dict[int, list[str]] = {}
+        for name, total in self.sums.items():
+            groups.setdefault(id(total), []).append(name)
         fused: Factors = {}
         lambdas: dict[str, float] = {}
-        for name, gram_sum in self.gram_sum.items():
-            present = [t[name] for t in self.terms if name in t]
-            dtype = present[0][0].dtype
-            in_dim = gram_sum.shape[0]
-            lam = ridge * float(gram_sum.diagonal().sum()) / in_dim
-            rhs = torch.cat([p.T for _, p in present], dim=1)  # [in, sum r_k]
-            if lam > 0:
-                # (G + lam I) is symmetric positive definite: P_k (G + lam I)^-1 = ((G + lam I)^-1 P_k^T)^T.
-                eye = torch.eye(in_dim, dtype=torch.float64, device=gram_sum.device)
-                solved = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram_sum + lam * eye))
-            else:
-                # eigenvalues below the Grams' own rounding noise are treated as zero, not as data
-                solved = torch.linalg.pinv(gram_sum, rtol=self.eps * in_dim, hermitian=True) @ rhs
-            b = torch.cat([b for b, _ in present], dim=1)
-            fused[name] = (b.to(dtype), solved.T.contiguous().to(dtype))
-            lambdas[name] = lam
-        info = {"method": "regmean", "ridge": ridge, "lambda": lambdas, "requests": len(self.terms)}
-        return fused, info
+        solves: dict[str, str] = {}
+        for names in groups.values():
+            total = self.sums[names[0]]
+            lam = ridge * total.trace() / total.in_dim
+            present = {name: [t[name] for t in self.terms if name in t] for name in names}
+            solved, how = solve_group(total, present, lam, self.eps)
+            for name, terms in present.items():
+                dtype = terms[0].b.dtype
+                fused[name] = (torch.cat([t.b for t in terms], dim=1).to(dtype), solved[name].to(dtype))
+                lambdas[name], solves[name] = lam, how
+        info = {
+            "method": "regmean",
+            "ridge": ridge,
+            "lambda": {name: lambdas[name] for name in self.sums},
+            "solve": {name: solves[name] for name in self.sums},
+            "requests": len(self.terms),
+        }
+        return {name: fused[name] for name in self.sums}, info
+
+
+def _float64(gram: Gram) -> Tensor:
+    return (gram.dense if gram.factor is None else gram.factor).double()
+
+
+def _term(b: Tensor, a: Tensor, gram: Gram, matrix: Tensor) -> RegMeanTerm:
+    """P_k = A_k G_k, via the factor when there is one (2 r n in instead of 2 r in^2 operations)."""
+    if gram.factor is None:
+        return RegMeanTerm(b, a.double() @ matrix, None)
+    coef = a.double() @ matrix.T
+    return RegMeanTerm(b, coef @ matrix, coef)
+
+
+def solve_group(
+    total: GramSum, present: dict[str, list[RegMeanTerm]], lam: float, eps: float
+) -> tuple[dict[str, Tensor], str]:
+    """The fused A of every module of a group sharing ``total``: A^T = (G + lambda I)^-1 [P_1^T ...].
+
+    Factored G = F^T F (m rows < in): by the Woodbury identity
+    (lambda I + F^T F)^-1 = (1/lambda)(I - F^T (lambda I + F F^T)^-1 F), and since every P_k^T =
+    F_k^T C_k^T lies in F's row space (P^T = F^T C with C = blockdiag(C_k^T) over the stacked rows),
+    (lambda I + F^T F)^-1 F^T C = F^T (lambda I + F F^T)^-1 C (push-through): one Cholesky of the
+    m x m matrix K + lambda I instead of the in x in one, and no 1/lambda cancellation. Dense G:
+    Cholesky of G + lambda I; lambda = 0: the pseudo-inverse with eigenvalues under the Grams'
+    rounding noise (``eps`` relative) cut. Returns {module: A [sum r_k, in]} and the method used.
+    """
+    if total.factor is not None and lam > 0:
+        c = torch.cat([torch.block_diag(*[t.coef.T for t in terms]) for terms in present.values()], dim=1)
+        eye = torch.eye(c.shape[0], dtype=torch.float64, device=c.device)
+        solved = total.factor.T @ torch.cholesky_solve(c, torch.linalg.cholesky(total.inner + lam * eye))
+        how = "woodbury"
+    else:
+        rhs = torch.cat([t.p.T for terms in present.values() for t in terms], dim=1)  # [in, sum r_k]
+        gram = total.matrix()
+        if lam > 0:
+            # (G + lam I) is symmetric positive definite: P_k (G + lam I)^-1 = ((G + lam I)^-1 P_k^T)^T.
+            eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+            solved = torch.cholesky_solve(rhs, torch.linalg.cholesky(gram + lam * eye))
+            how = "cholesky"
+        else:
+            # eigenvalues below the Grams' own rounding noise are treated as zero, not as data
+            solved = torch.linalg.pinv(gram, rtol=eps * gram.shape[0], hermitian=True) @ rhs
+            how = "pinv"
+    widths = [sum(t.p.shape[0] for t in terms) for terms in present.values()]
+    parts = solved.split(widths, dim=1)
+    return {name: part.T.contiguous() for name, part in zip(present, parts, strict=True)}, how
 
 
 def regmean(

@@ -8,16 +8,17 @@ import json
 import lightning as L
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import TINY_LLAMA
+from safetensors import safe_open
 
-from lightning_unlearn.adapters import load_factors
+from lightning_unlearn.adapters import load_factors, load_grams
 from lightning_unlearn.callbacks import ForgetRequest, SequentialForgetting
 from lightning_unlearn.callbacks.sequential import records_hash
 from lightning_unlearn.data.datamodule import UnlearningDataModule
 from lightning_unlearn.data.formatting import PromptFormat, encode
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.models import LoraSpec, load_model
+from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_model
 from lightning_unlearn.objectives import GradDiff
 
 Q_PROJ = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -55,7 +56,10 @@ def test_independent_requests_fuse_to_regmean(tmp_path, tiny_spec, world_dir, to
     # Grams: layer 0's q_proj sees normed embeddings, which no adapter changes: recompute them with a
     # plain model, one unpadded record at a time.
     tokenizer, base = load_tokenizer(tokenizer_dir), load_model(tiny_spec)
-    grams = [load_file(str(run / "requests" / str(k) / "grams.safetensors")) for k in range(3)]
+    grams = [
+        {n: g.matrix() for n, g in load_grams(run / "requests" / str(k) / "grams.safetensors").items()}
+        for k in range(3)
+    ]
     for k, request in enumerate(requests):
         want = torch.zeros(32, 32, dtype=torch.float64)
 
@@ -177,3 +181,101 @@ def test_fused_model_is_evaluated_after_each_request(tmp_path, tiny_spec, world_
     assert ledger[-1]["metrics"]["eval/forget_truth_ratio"] == pytest.approx(
         report.metrics["forget_truth_ratio"], rel=1e-4
     )
+
+
+def test_grams_are_stored_once_per_input_factored_and_fuse_to_regmean(tmp_path, world_dir, tokenizer_dir):
+    """A model wider than a request's token count: each request's file holds one entry per
+    distinct layer input (q/k/v share one, gate/up another), factored where the request has fewer
+    tokens than the layer has inputs. Every module's Gram is recomputed here from base + that
+    request's saved adapter loaded by peft, one unpadded record at a time, and the fused adapter
+    (Woodbury where the stacked factors are thinner than the layer) is RegMean's closed form over
+    the stored Grams, computed densely."""
+    spec = ModelSpec(
+        config={**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 192}, tokenizer=tokenizer_dir
+    )
+    dm = UnlearningDataModule(tokenizer=tokenizer_dir, source=str(world_dir), forget_split="forget10",
+                              retain_split="retain90", batch_size=4, max_length=64)  # fmt: skip
+    dm.setup()
+    ids = [r["id"] for r in dm.forget_records]
+    bounds = [(0, 2), (2, 4), (4, 8)]  # 2, 2 and 4 records: ~40, ~40, ~80 tokens
+    requests = [ForgetRequest(name=f"r{k}", ids=ids[a:b]) for k, (a, b) in enumerate(bounds)]
+    callback = SequentialForgetting(str(tmp_path / "run"), requests, epochs_per_request=1)
+    torch.manual_seed(0)
+    objective = GradDiff(
+        model=spec, adapter=LoraSpec(r=4, alpha=8), optimizer=lambda p: torch.optim.SGD(p, lr=0.5)
+    )
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[callback],
+    )  # fmt: skip
+    trainer.fit(objective, datamodule=dm)
+
+    run, tokenizer, layer = (
+        tmp_path / "run",
+        load_tokenizer(tokenizer_dir),
+        "base_model.model.model.layers.0.",
+    )
+    q, gate = layer + "self_attn.q_proj", layer + "mlp.gate_proj"
+    stored_grams, kinds = [], set()
+    for k, request in enumerate(requests):
+        path = run / "requests" / str(k) / "grams.safetensors"
+        with safe_open(str(path), framework="pt") as handle:
+            keys, metadata = set(handle.keys()), handle.metadata()
+        assert keys == {q, layer + "self_attn.o_proj", gate, layer + "mlp.down_proj"}
+        modules, entries = json.loads(metadata["modules"]), json.loads(metadata["entries"])
+        assert {modules[layer + f"self_attn.{p}_proj"] for p in "qkv"} == {q}
+        assert modules[layer + "mlp.up_proj"] == gate and len(modules) == 7
+        encoded = [
+            encode(r["question"], r["answer"], tokenizer, PromptFormat(), 64)["input_ids"]
+            for r in dm.records_by_id(request.ids)
+        ]
+        tokens = sum(len(e) for e in encoded)
+        for key, entry in entries.items():
+            rows, in_dim = entry["shape"]
+            assert entry["kind"] == ("factor" if tokens < in_dim else "dense")
+            # Identical rows are stored once. q_proj reads the normed embeddings (RoPE comes later):
+            # one row per distinct token. Every later input is a function of the token's prefix
+            # (causal attention): one row per distinct prefix (records share a prompt's first tokens).
+            if key == q:
+                distinct = len({t for e in encoded for t in e})
+            else:
+                distinct = len({tuple(e[: i + 1]) for e in encoded for i in range(len(e))})
+            assert distinct < tokens
+            assert rows == (distinct if tokens < in_dim else in_dim)
+            kinds.add(entry["kind"])
+
+        peft = load_adapter(load_model(spec), str(run / "requests" / str(k)))
+        want: dict[str, torch.Tensor] = {}
+
+        def capture(name, want=want):
+            def add(module, args):
+                x = args[0][0].double()
+                want[name] = want.get(name, 0) + x.T @ x
+
+            return add
+
+        hooks = [m.register_forward_pre_hook(capture(n)) for n, m in peft.named_modules() if n in modules]
+        with torch.no_grad():
+            for ids_ in encoded:
+                peft(input_ids=torch.tensor([ids_]))
+        for hook in hooks:
+            hook.remove()
+        stored = load_grams(path)
+        assert stored.keys() == want.keys()
+        for name, gram in stored.items():
+            torch.testing.assert_close(gram.matrix(), want[name], rtol=1e-4, atol=1e-4)
+        stored_grams.append({name: gram.matrix() for name, gram in stored.items()})
+    assert kinds == {"factor", "dense"}
+
+    fused, info = load_factors(run / "fused"), json.loads((run / "fused" / "fusion.json").read_text())
+    adapters = [load_factors(run / "requests" / str(k)) for k in range(3)]
+    # stacked rows (~160) under down_proj's 192 inputs, over the others' 64
+    assert set(info["solve"].values()) == {"woodbury", "cholesky"}
+    for name in adapters[0]:
+        g = [grams[name] for grams in stored_grams]
+        total = sum(g)
+        eye = torch.eye(len(total), dtype=torch.float64)
+        rhs = sum((b @ a).double() @ gk for (b, a), gk in zip((f[name] for f in adapters), g, strict=True))
+        expected = rhs @ torch.linalg.inv(total + info["lambda"][name] * eye)
+        b, a = fused[name]
+        assert float(((b @ a).double() - expected).norm() / expected.norm()) < 1e-5, name

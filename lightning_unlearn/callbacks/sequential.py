@@ -1,4 +1,4 @@
-"""SequentialForgetting: a schedule of deletion requests inside one ``Trainer.fit`` (DESIGN section 7).
+"""SequentialForgetting: a schedule of deletion requests inside one ``Trainer.fit``.
 
 Each request trains the objective's LoRA adapter for ``epochs_per_request`` epochs on that
 request's forget records, then records the Gram matrix of the inputs of every adapted linear layer
@@ -14,9 +14,11 @@ evaluated after every request instead of the callback's own periodic evaluations
 request's forget truth ratio, ROUGE and (with the retain model's report) forget quality over its
 own records go into its ledger line beside model utility: the continual-unlearning table.
 
-Files under ``dirpath``: ``requests/<k>/`` (peft adapter, ``grams.safetensors`` keyed by module
-name, ``request.json``), ``fused/`` (peft adapter, ``fusion.json``), ``ledger.jsonl`` (one line
-per request). Every write is atomic. Rerunning the same command after a crash skips the requests
+Files under ``dirpath``: ``requests/<k>/`` (peft adapter, ``grams.safetensors``: one Gram per
+distinct layer input, an exact factor when the request has fewer tokens than the layer has inputs,
+see ``adapters.save_grams``; ``request.json``), ``fused/`` (peft adapter, ``fusion.json``),
+``ledger.jsonl`` (one line per request). Run directories written before Grams were factored (one
+dense Gram per module) still load and resume. Every write is atomic. Rerunning the same command after a crash skips the requests
 the ledger marks done (their records must hash the same) and continues with the next.
 """
 
@@ -26,20 +28,25 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lightning_unlearn.adapters import (
     Factors,
+    Gram,
     RegMeanSums,
+    factor_of_rows,
     factors_applied,
     load_factors,
+    load_grams,
     save_factors,
+    save_grams,
     svd_truncate,
 )
 from lightning_unlearn.callbacks.evaluation import UnlearningEvaluation
@@ -112,6 +119,90 @@ def reset_lora_(model: torch.nn.Module) -> None:
                 torch.nn.init.kaiming_uniform_(full_a, a=math.sqrt(5))
                 set_full_(a, full_a)
                 set_full_(b, torch.zeros(b.shape, dtype=b.dtype))
+
+
+class InputCapture:
+    """Forward pre-hooks that collect the inputs of every adapted linear layer over a request's
+    tokens, once per distinct input. Layers handed the very same tensor (same object, unmodified)
+    in one forward read the same data: q/k/v read one normed hidden state, gate/up another. That is
+    found by identity, not by name, so it holds for any architecture; such layers get one Gram,
+    recorded under the first of them to run. Each input keeps its rows X while it has fewer than
+    in_dim of them (X^T X then has an exact factor thinner than itself), else their dense X^T X."""
+
+    def __init__(self) -> None:
+        self.owner: dict[str, str] = {}
+        self.rows: dict[str, list[torch.Tensor]] = {}
+        self.count: dict[str, int] = {}
+        self.dense: dict[str, torch.Tensor] = {}
+        self.mask = torch.zeros(0, dtype=torch.bool)
+        self.batch: dict[int, tuple[weakref.ref, int, str]] = {}
+
+    def new_batch(self, mask: torch.Tensor) -> None:
+        """The next forward; ``mask`` selects its rows (tokens) to record."""
+        self.mask = mask
+        self.batch.clear()
+
+    def hook(self, name: str) -> Callable[[torch.nn.Module, tuple], None]:
+        def capture(module, args) -> None:
+            self.record(name, args[0])
+
+        return capture
+
+    def record(self, name: str, x: torch.Tensor) -> None:
+        # A weak reference, so a tensor freed in this forward and another allocated at the same
+        # address (same id) are never taken for one another; its version counter rules out an
+        # in-place change between the two reads.
+        seen = self.batch.get(id(x))
+        first = seen[2] if seen is not None and seen[0]() is x and seen[1] == x._version else name
+        if first == name:
+            self.batch[id(x)] = (weakref.ref(x), x._version, name)
+        if self.owner.setdefault(name, first) != first:
+            raise UserError(f"'{name}' read the input of '{self.owner[name]}' in one forward, not in another")
+        if first != name:
+            return
+        rows = x.reshape(-1, x.shape[-1])[self.mask].double()
+        self.count[name] = self.count.get(name, 0) + rows.shape[0]
+        self.rows.setdefault(name, []).append(rows)
+        if name in self.dense or self.count[name] >= x.shape[-1]:
+            self.fold(name)
+
+    def fold(self, name: str) -> torch.Tensor:
+        """The dense Gram of ``name``'s input, with its kept rows added in."""
+        for x in self.rows.pop(name, []):
+            if name not in self.dense:
+                self.dense[name] = x.new_zeros(x.shape[1], x.shape[1])
+            self.dense[name] += x.T @ x
+        return self.dense[name]
+
+    def grams(self, strategy, world_size: int) -> dict[str, Gram]:
+        """Every layer's Gram over all ranks, float32 on the CPU. An input with fewer rows than
+        in_dim over all ranks gets the factor of its rows gathered from every rank (exact, and the
+        same whatever the rank count); otherwise the ranks' dense Grams are summed."""
+        owners = [name for name, first in self.owner.items() if name == first]
+        counts = torch.tensor([self.count[name] for name in owners], device=self.mask.device)
+        counts = strategy.all_gather(counts).reshape(world_size, -1) if world_size > 1 else counts[None]
+        grams: dict[str, Gram] = {}
+        for i, name in enumerate(owners):
+            in_dim = (self.dense[name] if name in self.dense else self.rows[name][0]).shape[1]
+            if int(counts[:, i].sum()) < in_dim:
+                rows = _gather_rows(torch.cat(self.rows[name]), counts[:, i], strategy, world_size)
+                grams[name] = Gram(factor=factor_of_rows(rows).float().cpu())
+            else:
+                dense = self.fold(name)
+                dense = strategy.reduce(dense, reduce_op="sum") if world_size > 1 else dense
+                grams[name] = Gram(dense=dense.float().cpu())
+        return {name: grams[first] for name, first in self.owner.items()}
+
+
+def _gather_rows(rows: torch.Tensor, counts: torch.Tensor, strategy, world_size: int) -> torch.Tensor:
+    """Every rank's rows, rank by rank (``counts``: how many each has): padded to the largest
+    count for the all-gather, the padding dropped again."""
+    if world_size == 1:
+        return rows
+    padded = rows.new_zeros(int(counts.max()), rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    gathered = strategy.all_gather(padded).reshape(world_size, -1, rows.shape[1])
+    return torch.cat([gathered[r, : int(counts[r])] for r in range(world_size)])
 
 
 class SequentialForgetting(Callback):
@@ -251,7 +342,7 @@ class SequentialForgetting(Callback):
         if trainer.is_global_zero:
             with atomic_directory(request_dir) as tmp:
                 pl_module.model.save_pretrained(tmp, state_dict=adapter)
-                save_file({n: g.contiguous() for n, g in grams.items()}, str(tmp / "grams.safetensors"))
+                save_grams(tmp / "grams.safetensors", grams)
                 request = {**asdict(self.requests[k]), "index": k, "sha256": records_hash(self.records[k])}
                 write_text_atomic(tmp / "request.json", json.dumps(request, indent=1) + "\n")
             lap("save")
@@ -281,21 +372,14 @@ class SequentialForgetting(Callback):
             self._start(trainer, pl_module, self.pending[position + 1], first_epoch=epoch + 1)
 
     @torch.no_grad()
-    def _grams(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
-        """G = X^T X of every adapted layer's inputs over this request's forget tokens, summed over ranks."""
+    def _grams(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Gram]:
+        """G = X^T X of every adapted layer's inputs over this request's forget tokens, over all
+        ranks: one ``Gram`` per distinct input (an exact factor or dense), shared by the layers
+        that read it."""
         model = pl_module.model
-        grams: dict[str, torch.Tensor] = {}
-        valid: dict[str, torch.Tensor] = {}
-
-        def hook(name):
-            def capture(module, args):
-                x = args[0].reshape(-1, args[0].shape[-1])[valid["mask"]].double()
-                grams[name] = grams.get(name, 0) + x.T @ x
-
-            return capture
-
+        capture = InputCapture()
         layers = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+        handles = [m.register_forward_pre_hook(capture.hook(n)) for n, m in layers.items()]
         was_training = model.training
         model.eval()
         seen: set[int] = set()
@@ -305,15 +389,13 @@ class SequentialForgetting(Callback):
                 sub = {n: v.to(pl_module.device) for n, v in sub.items()}
                 keep = torch.tensor([int(i) not in seen for i in sub["index"]], device=pl_module.device)
                 seen.update(int(i) for i in sub["index"])
-                valid["mask"] = (sub["attention_mask"].bool() & keep[:, None]).reshape(-1)
+                capture.new_batch((sub["attention_mask"].bool() & keep[:, None]).reshape(-1))
                 model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"])
         finally:
             for handle in handles:
                 handle.remove()
             model.train(was_training)
-        if trainer.world_size > 1:
-            grams = {n: trainer.strategy.reduce(g, reduce_op="sum") for n, g in grams.items()}
-        return {n: g.float().cpu() for n, g in grams.items()}
+        return capture.grams(trainer.strategy, trainer.world_size)
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, fused: Factors | None, k: int) -> dict:
         """Evaluate base + fused adapter on every rank; the ledger's per-request metrics."""
@@ -337,7 +419,7 @@ class SequentialForgetting(Callback):
     def _add_to_sums(self, request_dir: Path) -> None:
         """Add a saved request to RegMean's running sums (read back from disk, so a resumed run sums
         exactly what an uninterrupted one did)."""
-        self.sums.add(load_factors(request_dir), load_file(str(request_dir / "grams.safetensors")))
+        self.sums.add(load_factors(request_dir), load_grams(request_dir / "grams.safetensors"))
 
     def _fuse(self, upto: int) -> Factors:
         """Write fused/ for requests 0..upto: RegMean over the running sums (independent) or the
