@@ -133,6 +133,10 @@ def load_factors(directory: str | Path) -> Factors:
 
 
 GRAMS_FORMAT = "lightning_unlearn.grams/2"
+# The one safetensors metadata key of a Gram file. One key, because safetensors writes its metadata
+# map in hash order, which changes from one save to the next: two keys would make two identical
+# runs write different bytes.
+GRAMS_KEY = "lightning_unlearn.grams"
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,8 +205,9 @@ def unpack_triu(v: Tensor, shape: tuple[int, int], symmetric: bool) -> Tensor:
 
 def save_grams(path: str | Path, grams: dict[str, Gram]) -> None:
     """Write one request's Grams: one packed tensor per distinct ``Gram`` object (modules sharing
-    an input share it), named by the first module that reads it; the header's metadata maps every
-    module to its tensor and says each tensor's kind and shape."""
+    an input share it), named by the first module that reads it; the header's metadata (one key,
+    ``GRAMS_KEY``: JSON with ``format``, ``modules`` and ``entries``) maps every module to its
+    tensor and gives each tensor's kind and shape."""
     owners: dict[int, str] = {}
     modules: dict[str, str] = {}
     entries: dict[str, dict[str, Any]] = {}
@@ -215,8 +220,8 @@ def save_grams(path: str | Path, grams: dict[str, Gram]) -> None:
             kind = "dense" if gram.factor is None else "factor"
             entries[key] = {"kind": kind, "shape": list(value.shape)}
             tensors[key] = pack_triu(value.detach().float().cpu())
-    metadata = {"format": GRAMS_FORMAT, "modules": json.dumps(modules), "entries": json.dumps(entries)}
-    save_file(tensors, str(path), metadata=metadata)
+    layout = {"format": GRAMS_FORMAT, "modules": modules, "entries": entries}
+    save_file(tensors, str(path), metadata={GRAMS_KEY: json.dumps(layout)})
 
 
 def load_grams(path: str | Path) -> dict[str, Gram]:
@@ -225,13 +230,16 @@ def load_grams(path: str | Path) -> dict[str, Gram]:
     ``Gram`` object, so ``RegMeanSums`` fuses them over one factorisation."""
     tensors = load_tensors(path)
     metadata = _safetensors_metadata(path)
-    if metadata.get("format") != GRAMS_FORMAT:
+    if GRAMS_KEY not in metadata:
         for name, g in tensors.items():
             if g.ndim != 2 or g.shape[0] != g.shape[1]:
                 raise UserError(f"'{path}': Gram '{name}' is {tuple(g.shape)}, not square")
         return {name: Gram(dense=g) for name, g in tensors.items()}
     try:
-        modules, entries = json.loads(metadata["modules"]), json.loads(metadata["entries"])
+        layout = json.loads(metadata[GRAMS_KEY])
+        if layout["format"] != GRAMS_FORMAT:
+            raise ValueError(f"format {layout['format']!r}, not {GRAMS_FORMAT!r}")
+        modules, entries = layout["modules"], layout["entries"]
         grams = {key: _unpacked(tensors[key], spec) for key, spec in entries.items()}
         return {name: grams[key] for name, key in modules.items()}
     except (KeyError, TypeError, ValueError, RuntimeError) as err:

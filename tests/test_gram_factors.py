@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lightning_unlearn.adapters import (
+    GRAMS_KEY,
     Gram,
     RegMeanSums,
     factor_of_rows,
@@ -179,7 +180,9 @@ def test_grams_file_stores_each_input_once_and_fuses_the_same(tmp_path):
     with safe_open(str(paths[0]), framework="pt") as handle:
         keys, metadata = set(handle.keys()), handle.metadata()
     assert keys == {"q", "o", "gate", "down"}  # one per distinct input, named by its first reader
-    modules, entries = json.loads(metadata["modules"]), json.loads(metadata["entries"])
+    assert list(metadata) == [GRAMS_KEY]
+    layout = json.loads(metadata[GRAMS_KEY])
+    modules, entries = layout["modules"], layout["entries"]
     assert modules == {"q": "q", "k": "q", "v": "q", "o": "o", "gate": "gate", "up": "gate", "down": "down"}
     assert entries["q"] == {"kind": "factor", "shape": [5, 24]}
     assert entries["gate"] == {"kind": "dense", "shape": [40, 40]}
@@ -227,12 +230,23 @@ def test_damaged_grams_metadata_is_named(tmp_path):
         ("q", [10**5, 10**5], "factor"),
         ("gate", [7, 40], "dense"),
     ]:
-        entries = json.loads(metadata["entries"])
-        entries[key] = {"kind": kind, "shape": shape}
-        save_file(tensors, str(path), metadata={**metadata, "entries": json.dumps(entries)})
+        layout = json.loads(metadata[GRAMS_KEY])
+        layout["entries"][key] = {"kind": kind, "shape": shape}
+        save_file(tensors, str(path), metadata={GRAMS_KEY: json.dumps(layout)})
         with pytest.raises(UserError, match="is not a readable Gram file"):
             load_grams(path)
     square = tmp_path / "old.safetensors"
     save_file({"q": torch.zeros(3, 4)}, str(square))
     with pytest.raises(UserError, match="not square"):
         load_grams(square)
+
+
+def test_the_same_grams_save_to_the_same_bytes(tmp_path):
+    """Two identical runs must write identical files: safetensors writes its metadata map in hash
+    order, which changes between saves, so the layout lives under one key."""
+    grams = request(0, {**FEW, "mlp": 41})["grams"]
+    saved = []
+    for k in range(8):
+        save_grams(tmp_path / f"{k}.safetensors", grams)
+        saved.append((tmp_path / f"{k}.safetensors").read_bytes())
+    assert all(b == saved[0] for b in saved)

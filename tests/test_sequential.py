@@ -222,7 +222,8 @@ def test_grams_are_stored_once_per_input_factored_and_fuse_to_regmean(tmp_path, 
         with safe_open(str(path), framework="pt") as handle:
             keys, metadata = set(handle.keys()), handle.metadata()
         assert keys == {q, layer + "self_attn.o_proj", gate, layer + "mlp.down_proj"}
-        modules, entries = json.loads(metadata["modules"]), json.loads(metadata["entries"])
+        layout = json.loads(metadata["lightning_unlearn.grams"])
+        modules, entries = layout["modules"], layout["entries"]
         assert {modules[layer + f"self_attn.{p}_proj"] for p in "qkv"} == {q}
         assert modules[layer + "mlp.up_proj"] == gate and len(modules) == 7
         encoded = [

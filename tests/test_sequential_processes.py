@@ -182,4 +182,4 @@ def _entries(run: Path, k: int) -> list[dict]:
     from safetensors import safe_open
 
     with safe_open(str(run / "requests" / str(k) / "grams.safetensors"), framework="pt") as handle:
-        return list(json.loads(handle.metadata()["entries"]).values())
+        return list(json.loads(handle.metadata()["lightning_unlearn.grams"])["entries"].values())
