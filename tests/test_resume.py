@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from conftest import TINY_LLAMA
@@ -180,11 +179,6 @@ def _timeless(value: object) -> object:
     return value
 
 
-@pytest.mark.xfail(
-    reason="known regression found at the end of a stop: two identical protocol runs wrote different "
-    "sequential/seq/requests/0/grams.safetensors bytes (first seen; still failing with the old dense Grams); cause not yet found",
-    strict=False,
-)
 def test_protocol_is_deterministic_and_resumes_after_a_kill(tmp_path):
     """The protocol twice with the same config writes the same bytes (weights, reports); killed
     mid-way through the sequential stage and rerun, it keeps the finished stages and ends with
