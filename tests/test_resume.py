@@ -210,7 +210,7 @@ def test_protocol_is_deterministic_and_resumes_after_a_kill(tmp_path):
         different = {
             k: (runs["first"][k], runs[name][k]) for k in runs["first"] if runs[name][k] != runs["first"][k]
         }
-        assert not different, f"{name}: {str(different)[:3000]}"
+        assert not different, f"{name}: files differ: {sorted(different)}; {str(different)[:1500]}"
 
     # Another setting in the same run directory is refused before anything is touched.
     config = tmp_path / "killed" / "mini.yaml"
