@@ -160,7 +160,9 @@ class Evaluator:
     Args:
         tokenizer: the model's tokenizer.
         splits: role (``forget``, ``retain``, ``real_authors``, ``world_facts``, ``holdout``) ->
-            records; an absent role's metrics are absent.
+            records; an absent role's metrics are absent. ``forget`` with ``holdout`` adds the
+            metrics that need no retain model: the MIA AUCs, ``mia_gap`` and
+            ``forget_quality_holdout`` (see ``_against_holdout``).
         prompt_format: the format the model was trained with.
         batch_size: questions per forward (each with all of its answer variants).
         max_new_tokens: generation budget for ROUGE.
