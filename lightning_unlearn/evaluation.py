@@ -46,6 +46,7 @@ from lightning_unlearn.metrics.memorisation import (
     exact_memorization,
     extraction_strength,
     mia_auc,
+    mia_gap,
     mia_loss,
     mia_min_k,
     mia_min_k_plus_plus,
@@ -65,6 +66,7 @@ from lightning_unlearn.metrics.prefix_tree import (
 from lightning_unlearn.metrics.tofu import (
     answer_probability,
     forget_quality,
+    forget_quality_holdout,
     forget_truth_ratio,
     model_utility,
     prob_normalised,
@@ -86,8 +88,10 @@ MIA_SCORES = ("mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus")
 # Key/value cache a fast decode may fill when generation_batch_size is None: the decode
 # preallocates it for its whole length, so this bounds its memory.
 GENERATION_CACHE_BYTES = 2 << 30
-# Roles whose truth ratio takes the paraphrased answer as the correct side (TOFU authors).
-PARAPHRASE_ROLES = ("forget", "retain")
+# Roles whose truth ratio takes the paraphrased answer as the correct side (TOFU-style authors).
+PARAPHRASE_ROLES = ("forget", "retain", "holdout")
+# The MIA score whose AUC privleak and mia_gap use (open-unlearning's choice for privleak).
+MIA_GAP_SCORE = "mia_min_k"
 
 
 def load_eval_splits(source: str, splits: dict[str, str], limit: int | None = None) -> dict[str, list[dict]]:
@@ -156,7 +160,9 @@ class Evaluator:
     Args:
         tokenizer: the model's tokenizer.
         splits: role (``forget``, ``retain``, ``real_authors``, ``world_facts``, ``holdout``) ->
-            records; an absent role's metrics are absent.
+            records; an absent role's metrics are absent. ``forget`` with ``holdout`` adds the
+            metrics that need no retain model: the MIA AUCs, ``mia_gap`` and
+            ``forget_quality_holdout`` (see ``_against_holdout``).
         prompt_format: the format the model was trained with.
         batch_size: questions per forward (each with all of its answer variants).
         max_new_tokens: generation budget for ROUGE.
@@ -229,7 +235,7 @@ class Evaluator:
     @staticmethod
     def required_fields(role: str, records: list[dict]) -> tuple[str, ...]:
         """Truth-ratio fields are needed on every record once any record of the split has them."""
-        if not any("perturbed_answer" in r for r in records) or role == "holdout":
+        if not any("perturbed_answer" in r for r in records):
             return ()
         return (
             ("perturbed_answer", "paraphrased_answer") if role in PARAPHRASE_ROLES else ("perturbed_answer",)
@@ -476,7 +482,7 @@ class Evaluator:
                 if role != "holdout":
                     self._evaluate_role(model, role, records, report, generated.get(role))
             if "holdout" in self.splits and "forget" in self.splits:
-                self._membership_inference(model, report)
+                self._against_holdout(model, report)
         finally:
             model.train(was_training)
         utility, components = model_utility(report.metrics)
@@ -505,18 +511,48 @@ class Evaluator:
             start += len(self.splits[role])
         return out
 
-    def _membership_inference(self, model, report: Report) -> None:
-        """AUC of each MIA score separating forget (members) from holdout (non-members), and
-        privleak against the retain model's min-k AUC when it is known (open-unlearning's choice)."""
+    def _against_holdout(self, model, report: Report) -> None:
+        """The same model on forget vs holdout questions (authors never trained on), which needs
+        no retain model: each MIA score's AUC (forget = members), ``mia_gap`` = |min-k AUC - 0.5|,
+        ``forget_quality_holdout`` (KS p-value of a per-question statistic, see
+        ``_holdout_statistic``), and privleak against the retain model's min-k AUC when known."""
         holdout = self.splits["holdout"]
-        _, extra = self.score(
-            model, holdout, [[r["answer"]] for r in holdout], desc="score holdout", extras=True
-        )
+        with_tr = bool(self.required_fields("holdout", holdout)) and "forget_truth_ratio" in report.per_sample
+        variants = [
+            [r["answer"]] + ([r["paraphrased_answer"], *r["perturbed_answer"]] if with_tr else [])
+            for r in holdout
+        ]
+        nll, extra = self.score(model, holdout, variants, desc="score holdout", extras=True)
         for name in MIA_SCORES:
             report.per_sample[f"holdout_{name}"] = extra[name]
             report.metrics[name] = mia_auc(report.per_sample[f"forget_{name}"], extra[name])
+        report.metrics["mia_gap"] = mia_gap(report.metrics[MIA_GAP_SCORE])
         if self.retain_mia_auc is not None:
-            report.metrics["privleak"] = privleak(report.metrics["mia_min_k"], self.retain_mia_auc)
+            report.metrics["privleak"] = privleak(report.metrics[MIA_GAP_SCORE], self.retain_mia_auc)
+        prob = answer_probability(torch.tensor([v[0] for v in nll]))
+        report.per_sample["holdout_Q_A_Prob"] = prob.tolist()
+        report.metrics["holdout_Q_A_Prob"] = prob.mean().item()
+        if with_tr:
+            if len({len(v) for v in nll}) != 1:
+                raise UserError("split 'holdout': every record needs the same number of perturbed answers")
+            tr = truth_ratio(torch.tensor([v[1] for v in nll]), torch.tensor([v[2:] for v in nll]))
+            report.per_sample["holdout_truth_ratio"] = tr.tolist()
+        statistic = self._holdout_statistic(with_tr)
+        report.metrics["forget_quality_holdout"] = forget_quality_holdout(
+            report.per_sample[f"forget_{statistic}"], report.per_sample[f"holdout_{statistic}"]
+        )
+        report.settings["forget_quality_holdout_statistic"] = statistic
+        report.settings["mia_gap_score"] = MIA_GAP_SCORE
+
+    @staticmethod
+    def _holdout_statistic(with_tr: bool) -> str:
+        """The per-question statistic ``forget_quality_holdout`` compares: ``truth_ratio`` when the
+        holdout records carry paraphrased and perturbed answers (the statistic ``forget_quality``
+        tests, so the two agree in kind), else ``Q_A_Prob`` (exp of minus the answer's mean token
+        NLL), the one statistic that question-and-answer-only holdout splits (TOFU's holdout01/05/
+        10, the synthetic world's) allow. Both are length-normalised, so answers of different
+        lengths compare; KS is rank-based, so Q_A_Prob and the mean NLL give the same p-value."""
+        return "truth_ratio" if with_tr else "Q_A_Prob"
 
     def _evaluate_role(
         self, model, role: str, records: list[dict], report: Report, generated: list[str] | None

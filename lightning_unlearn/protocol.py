@@ -38,6 +38,7 @@ from lightning_unlearn.safe_load import SafeTrainer
 
 TABLE_COLUMNS = [
     "forget_quality",
+    "forget_quality_holdout",
     "model_utility",
     "forget_Q_A_Prob",
     "forget_Q_A_ROUGE",
@@ -54,6 +55,7 @@ TABLE_COLUMNS = [
     "forget_exact_memorization",
     "forget_extraction_strength",
     "mia_min_k",
+    "mia_gap",
     "privleak",
 ]
 

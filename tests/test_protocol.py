@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import TINY_LLAMA
+from scipy.stats import ks_2samp
 
 from lightning_unlearn.data.synthetic import WorldConfig
 from lightning_unlearn.errors import UserError
@@ -103,6 +104,19 @@ def test_protocol_writes_one_report_entry_per_model(tmp_path):
         assert saved[name]["metrics"]["privleak"] == pytest.approx(
             ((1 - auc) - (1 - retain_auc)) / (1 - retain_auc) * 100
         )
+    # Without the retain model: each model's forget vs its own holdout answer probabilities (KS),
+    # which ranks the retain model (never saw either) above the target (memorised forget only).
+    for entry in saved.values():
+        per_sample = entry["per_sample"]
+        assert entry["metrics"]["forget_quality_holdout"] == pytest.approx(
+            ks_2samp(per_sample["forget_Q_A_Prob"], per_sample["holdout_Q_A_Prob"]).pvalue, rel=1e-9
+        )
+    assert (
+        saved["retain"]["metrics"]["forget_quality_holdout"]
+        > saved["finetuned"]["metrics"]["forget_quality_holdout"]
+    )
+    header = (run / "report.md").read_text().splitlines()[0]
+    assert "| forget_quality_holdout |" in header and "| mia_gap |" in header
     # Gradient ascent, NPO and refusal training lower the probability of the forget answers.
     for name in ("ga", "npo", "idk_ap"):
         assert saved[name]["metrics"]["forget_Q_A_Prob"] < saved["finetuned"]["metrics"]["forget_Q_A_Prob"]

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import torch
 from lightning import Callback, LightningModule, Trainer
 
 from lightning_unlearn.data.formatting import PromptFormat
@@ -25,6 +26,12 @@ class UnlearningEvaluation(Callback):
     """Evaluate before training, every ``every_n_epochs`` epochs and at the end of fit; log the
     metrics as ``eval/<name>`` to every logger (generations as a table on WandbLogger), keep the
     history, and optionally export the best model by ``monitor`` under constraints.
+
+    Each ``eval/<name>`` is also put in ``trainer.callback_metrics``, so Lightning's own
+    ``EarlyStopping`` and ``ModelCheckpoint`` can monitor it (e.g. ``eval/forget_quality_holdout``,
+    mode max, or ``eval/mia_gap``, mode min: stopping rules that need no retain model). Lightning
+    runs those monitoring callbacks after this one at each epoch end, so they see this epoch's
+    evaluation.
 
     Args:
         source: ``locuslab/TOFU`` or a local directory in its layout.
@@ -123,8 +130,11 @@ class UnlearningEvaluation(Callback):
         report = self.evaluator.run(pl_module.model)
         entry = {"epoch": trainer.current_epoch, "step": trainer.global_step, **report.metrics}
         self.history.append(entry)
+        logged = {f"eval/{k}": v for k, v in report.metrics.items()}
+        # float64: p-values far below float32's range still order correctly for a monitor.
+        trainer.callback_metrics.update({k: torch.tensor(v, dtype=torch.float64) for k, v in logged.items()})
         for logger in trainer.loggers:
-            logger.log_metrics({f"eval/{k}": v for k, v in report.metrics.items()}, step=trainer.global_step)
+            logger.log_metrics(logged, step=trainer.global_step)
             if hasattr(logger, "log_text") and "forget" in report.generations:
                 rows = [[g["question"], g["answer"], g["generated"]] for g in report.generations["forget"]]
                 logger.log_text(

@@ -162,3 +162,14 @@ def privleak(auc_model: float, auc_retain: float) -> float:
     """
     a, r = 1.0 - auc_model, 1.0 - auc_retain
     return (a - r) / (r + 1e-10) * 100.0
+
+
+def mia_gap(auc: float) -> float:
+    """|AUC - 0.5|: how far a membership-inference attack is from chance at telling the forget set
+    from the holdout set, 0 when it cannot (a stopping monitor to minimise, no retain model needed).
+
+    Both directions count: an AUC above 0.5 means the forget set is still recognisable, below 0.5
+    that unlearning pushed it past never-seen data (a signature of over-unlearning, which MUSE's
+    PrivLeak also penalises; Shi et al., 2024).
+    """
+    return abs(auc - 0.5)

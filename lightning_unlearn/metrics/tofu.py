@@ -50,6 +50,22 @@ def forget_quality(tr_model: Sequence[float], tr_retain: Sequence[float]) -> flo
     return float(ks_2samp(list(tr_model), list(tr_retain)).pvalue)
 
 
+def forget_quality_holdout(forget_values: Sequence[float], holdout_values: Sequence[float]) -> float:
+    """KS-test p-value between ONE model's per-question statistic on the forget questions and on
+    the holdout questions (authors it was never trained on): forget_quality without a retain model.
+
+    A model that never saw the forget authors should treat them as it treats authors it never
+    saw, so after ideal unlearning the two samples come from one distribution and the p-value is
+    high; a model that still remembers the forget authors (or has been pushed below never-seen
+    authors, over-unlearning) gives a low one. The same two-sample KS test as ``forget_quality``
+    (Maini et al., 2024, TOFU), so the two read alike; the samples may differ in size.
+    """
+    forget, holdout = [float(v) for v in forget_values], [float(v) for v in holdout_values]
+    if not forget or not holdout:
+        raise ValueError("forget_quality_holdout needs at least one forget and one holdout value")
+    return float(ks_2samp(forget, holdout).pvalue)
+
+
 _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
