@@ -1,6 +1,6 @@
 """``lightning-unlearn evaluate``: the evaluation suite on one saved model (a model directory, a
 GGUF file, a hub id, or a base model plus a peft adapter directory), written as report.json,
-report.md and a truth-ratio histogram."""
+report.md and a truth-ratio CDF figure."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from lightning_unlearn.data.datamodule import check_at_least
 from lightning_unlearn.data.formatting import PromptFormat
 from lightning_unlearn.evaluation import Evaluator, load_eval_splits
 from lightning_unlearn.models import ModelSpec, load_adapter, load_model, load_spec_tokenizer
-from lightning_unlearn.plots import truth_ratio_histograms
+from lightning_unlearn.plots import truth_ratio_cdfs
 from lightning_unlearn.report import Report
 
 TOFU_EVAL_SPLITS = {
@@ -95,5 +95,8 @@ class EvaluateCommand:
             series = {"model": report.per_sample["forget_truth_ratio"]}
             if evaluator.retain_truth_ratios is not None:
                 series["retain"] = list(evaluator.retain_truth_ratios)
-            truth_ratio_histograms(series, out / "truth_ratios.png")
+            quality = (
+                {"model": report.metrics["forget_quality"]} if "forget_quality" in report.metrics else None
+            )
+            truth_ratio_cdfs(series, out / "truth_ratios.png", quality)
         return report

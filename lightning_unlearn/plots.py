@@ -1,5 +1,5 @@
 """The figures unlearning papers show: forget quality against model utility over training, and
-histograms of the forget truth ratios of the fine-tuned, retain and unlearned models."""
+the distributions of the forget truth ratios of the fine-tuned, retain and unlearned models."""
 
 from __future__ import annotations
 
@@ -31,18 +31,32 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def truth_ratio_histograms(series: Mapping[str, Sequence[float]], path: str | Path) -> Path:
-    """Overlaid histograms of log10 per-sample forget truth ratios, one per model."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    values = {name: [math.log10(v) for v in trs if v > 0] for name, trs in series.items()}
-    lo = min((min(v) for v in values.values() if v), default=-1.0)
-    hi = max((max(v) for v in values.values() if v), default=1.0)
-    bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
-    for name, logs in values.items():
-        ax.hist(logs, bins=bins, alpha=0.45, label=name)
+def truth_ratio_cdfs(
+    series: Mapping[str, Sequence[float]],
+    path: str | Path,
+    forget_quality: Mapping[str, float] | None = None,
+    reference: str = "retain",
+) -> Path:
+    """Empirical CDFs of each model's per-sample forget truth ratios (log10), the ``reference``
+    (retain) model's drawn thick and black: forget_quality is the KS test between a model's curve
+    and that one (the p-value of their largest vertical gap), so the figure shows what the number
+    tests. Each label carries the model's forget_quality when given."""
+    from scipy.stats import ecdf
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, trs in series.items():
+        logs = [math.log10(v) for v in trs if v > 0]
+        if not logs:
+            continue
+        cdf = ecdf(logs).cdf
+        fq = (forget_quality or {}).get(name)
+        label = name if fq is None else f"{name} (forget quality {fq:.3g})"
+        style = {"color": "black", "linewidth": 2.5, "zorder": 3} if name == reference else {"linewidth": 1.2}
+        ax.step(cdf.quantiles, cdf.probabilities, where="post", label=label, **style)
     ax.set_xlabel("log10 truth ratio (forget set)")
-    ax.set_ylabel("questions")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("fraction of questions <= x")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -52,7 +66,7 @@ def forget_quality_vs_utility(
     retain_utility: float | None = None,
 ) -> Path:
     """One line per objective through its (model_utility, forget_quality) evaluations over training,
-    the last point marked; forget quality on a log axis as in TOFU's figures. The retain model (the
+    the first point an open square (where the run started), the last a dot; forget quality on a log axis as in TOFU's figures. The retain model (the
     goal: forget quality 1 at its utility) is a star when its utility is given."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     if retain_utility is not None:
@@ -63,6 +77,7 @@ def forget_quality_vs_utility(
             continue
         xs, ys = zip(*pts, strict=True)
         (line,) = ax.plot(xs, ys, marker=".", label=name)
+        ax.plot(xs[0], ys[0], marker="s", fillstyle="none", color=line.get_color())  # where it started
         ax.plot(xs[-1], ys[-1], marker="o", color=line.get_color())
     ax.set_yscale("log")
     ax.set_xlabel("model utility")

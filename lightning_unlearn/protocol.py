@@ -31,7 +31,7 @@ from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality
 from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_model, load_spec_tokenizer
 from lightning_unlearn.objectives import FineTune, InfluenceStep, UnlearningObjective
-from lightning_unlearn.plots import continual_forgetting, forget_quality_vs_utility, truth_ratio_histograms
+from lightning_unlearn.plots import continual_forgetting, forget_quality_vs_utility, truth_ratio_cdfs
 from lightning_unlearn.report import Report, continual_table, metrics_table
 from lightning_unlearn.resume import settings_fingerprint
 from lightning_unlearn.safe_load import SafeTrainer
@@ -473,7 +473,10 @@ class Protocol:
             if "forget_truth_ratio" in r.per_sample
         }
         if truth_ratios:
-            truth_ratio_histograms(truth_ratios, self.run_dir / "truth_ratios.png")
+            quality = {
+                n: r.metrics["forget_quality"] for n, r in reports.items() if "forget_quality" in r.metrics
+            }
+            truth_ratio_cdfs(truth_ratios, self.run_dir / "truth_ratios.png", quality)
         if self.histories:
             write_text_atomic(self.run_dir / "history.json", json.dumps(self.histories, indent=1) + "\n")
             forget_quality_vs_utility(
