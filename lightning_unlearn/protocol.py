@@ -32,6 +32,7 @@ from lightning_unlearn.metrics.tofu import forget_quality
 from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_model, load_spec_tokenizer
 from lightning_unlearn.objectives import FineTune, InfluenceStep, UnlearningObjective
 from lightning_unlearn.plots import continual_forgetting, forget_quality_vs_utility, truth_ratio_cdfs
+from lightning_unlearn.quiet import quiet_libraries
 from lightning_unlearn.report import Report, continual_table, metrics_table
 from lightning_unlearn.resume import settings_fingerprint
 from lightning_unlearn.safe_load import SafeTrainer
@@ -440,7 +441,12 @@ class Protocol:
         write_text_atomic(marker, fingerprint + "\n")
 
     def run(self) -> dict[str, Report]:
-        """Run every stage and return the reports by model name; also writes report.json/.md."""
+        """Run every stage and return the reports by model name; also writes report.json/.md.
+        Lightning's per-stage notices are silenced (``quiet_libraries``); real warnings show."""
+        with quiet_libraries():
+            return self._run()
+
+    def _run(self) -> dict[str, Report]:
         start = time.perf_counter()
         self._claim_run_dir()
         self.prepare_data()
