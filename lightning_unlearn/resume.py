@@ -28,6 +28,7 @@ from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_unlearn.preemption import preemption_callback
 from lightning_unlearn.safe_load import SafeCheckpointCLI
 
 RESUME_FILE = "last"
@@ -99,14 +100,13 @@ class UnlearnCLI(SafeCheckpointCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         self.resume_dir = None
+        root = Path(config.get("default_root_dir") or ".")
+        run_dir = root / "runs" / "resume" / config_fingerprint(self.config[self.subcommand].as_dict())
         wanted = self.subcommand == "fit" and config.get("enable_checkpointing", True) is not False
         configured = config.get("callbacks") or []
         given = [*callbacks, *(configured if isinstance(configured, list) else [configured])]
         if wanted and not any(_owns_resume(c) for c in given):
-            root = Path(config.get("default_root_dir") or ".")
-            self.resume_dir = (
-                root / "runs" / "resume" / config_fingerprint(self.config[self.subcommand].as_dict())
-            )
+            self.resume_dir = run_dir
             callbacks = [
                 *callbacks,
                 ModelCheckpoint(
@@ -117,7 +117,21 @@ class UnlearnCLI(SafeCheckpointCLI):
                     save_on_train_epoch_end=True,
                 ),
             ]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if self.subcommand == "fit":
+            self._preempt_to(trainer, run_dir)
+        return trainer
+
+    def _preempt_to(self, trainer: Trainer, run_dir: Path) -> None:
+        """Where a preempted fit saves its step: our own resume checkpoint when this command resumes
+        by itself (the rerun is the same command), else ``preempted.ckpt`` beside it, which the
+        rerun names with ``--ckpt_path``."""
+        preemption = preemption_callback(trainer)
+        if self.resume_dir is not None:
+            preemption.checkpoint_path = self.resume_dir / f"{RESUME_FILE}.ckpt"
+        else:
+            preemption.checkpoint_path = run_dir / "preempted.ckpt"
+            preemption.extra = ["--ckpt_path", str(preemption.checkpoint_path)]
 
     def before_fit(self) -> None:
         settings = self.config_init[self.subcommand]
