@@ -178,11 +178,14 @@ class Preemption(Callback):
     """Stops fit at the first optimiser step after a preemption signal reached any rank, with
     Lightning's checkpoint of that step written to ``checkpoint_path`` (set by the command that
     builds the Trainer; ``<default_root_dir>/preempted.ckpt`` otherwise). ``extra``: what the
-    rerun command needs appended to find it (nothing when the command resumes by itself)."""
+    rerun command needs appended to find it (nothing when the command resumes by itself). With
+    ``SequentialForgetting`` nothing more is saved: its ledger already holds every finished
+    request, and the interrupted request restarts from its start."""
 
     def __init__(self, checkpoint_path: str | Path | None = None, extra: Sequence[str] = ()) -> None:
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.extra = list(extra)
+        self.ledger: Path | None = None
         self._deferring = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -192,6 +195,12 @@ class Preemption(Callback):
         # estimated_stepping_batches builds them before, in configure_optimizers, and the position
         # would be dropped. No batch has been drawn yet here, so loading it now is in time.
         trainer.fit_loop._load_combined_loader_states()
+        from lightning_unlearn.callbacks.sequential import SequentialForgetting
+
+        sequential = next((c for c in trainer.callbacks if isinstance(c, SequentialForgetting)), None)
+        if sequential is not None:  # it resumes from its ledger, request by request, not from a checkpoint
+            self.checkpoint_path, self.extra = None, []
+            self.ledger = sequential.dirpath / "ledger.jsonl"
         if getattr(pl_module, "saves_mid_epoch", True):
             launcher = trainer.strategy.launcher
             if trainer.is_global_zero and launcher is not None and hasattr(launcher, "kill"):
@@ -208,8 +217,11 @@ class Preemption(Callback):
             return
         if not trainer.strategy.reduce_boolean_decision(_received is not None, all=False):
             return
-        path = self.checkpoint_path or Path(trainer.default_root_dir) / "preempted.ckpt"
-        trainer.save_checkpoint(path)
+        if self.ledger is not None:
+            path = self.ledger  # the finished requests; the current one restarts from its start
+        else:
+            path = self.checkpoint_path or Path(trainer.default_root_dir) / "preempted.ckpt"
+            trainer.save_checkpoint(path)
         environment = trainer._accelerator_connector.cluster_environment
         requeue = not isinstance(environment, SLURMEnvironment) or environment.auto_requeue
         raise Preempted(_received or signal.SIGTERM, str(path), self.extra, trainer.is_global_zero, requeue)

@@ -4,6 +4,7 @@ next batch and ends with the uninterrupted run's adapter, bit for bit."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -111,9 +112,9 @@ def whole(tmp_path_factory, world_dir, tokenizer_dir) -> dict[str, torch.Tensor]
 
 # Early in epoch 0 (after its first step), mid epoch 1 (after step 5 of 6: 2 of its 3 batches), and
 # in the validation that follows epoch 0 (the stop comes at the next step, 4).
-@pytest.mark.parametrize(
-    ("step", "where", "stopped_at"), [(1, "train", 1), (5, "train", 5), (3, "validation", 4)]
-)
+# Mid epoch 1 (after step 5 of 6: 2 of its 3 batches) and in the validation that follows epoch 0
+# (the stop comes at the next step, 4); early in an epoch (step 1) is the SLURM test's.
+@pytest.mark.parametrize(("step", "where", "stopped_at"), [(5, "train", 5), (3, "validation", 4)])
 def test_fit_preempted_resumes_at_the_step_to_the_uninterrupted_adapter(
     tmp_path, world_dir, tokenizer_dir, whole, step, where, stopped_at
 ):
@@ -143,3 +144,82 @@ def test_fit_preempted_resumes_at_the_step_to_the_uninterrupted_adapter(
     for key in whole:
         assert torch.equal(got[key], whole[key]), key
     assert max(whole[k].abs().max().item() for k in whole if "lora_B" in k) > 1e-3  # B starts at zero
+
+
+def test_slurm_requeue_signal_saves_requeues_and_resumes(tmp_path, world_dir, tokenizer_dir, whole):
+    """Under SLURM (Lightning's SLURMEnvironment detected from the job's variables) USR1, as sent
+    by ``--signal=USR1@90``, early in epoch 0: the step is saved, rank 0 runs ``scontrol requeue
+    <job>`` (a stand-in on PATH records it), the exit status is 143, and the requeued job, i.e. the
+    same command, ends with the uninterrupted adapter."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "unlearn", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    command = fit_command(fit_config(tmp_path / "fit.yaml", world_dir, tokenizer_dir))
+    done = signal_at(command, tmp_path, 1, signal.SIGUSR1, **slurm)
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert preempted_line(done.stderr).startswith(
+        "lightning-unlearn: preempted by SIGUSR1; state saved to runs/resume/"
+    )
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    (checkpoint,) = (tmp_path / "runs" / "resume").glob("*/last.ckpt")
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 1
+    assert not list(tmp_path.glob("hpc_ckpt_*.ckpt"))  # Lightning's own SLURM handler did not run
+
+    run(command, tmp_path, **slurm)
+    got = adapter(tmp_path)
+    for key in whole:
+        assert torch.equal(got[key], whole[key]), key
+
+
+def test_protocol_preempted_mid_stage_resumes_that_stage(tmp_path):
+    """The protocol sent SIGTERM in the middle of its gradient-ascent stage (evaluated every
+    epoch): exit 143, the stage's step saved under the run directory; the same command keeps the
+    finished fine-tunes, continues the stage from that step and writes the uninterrupted run's
+    model weights and evaluation history."""
+    config = {
+        "name": "mini", "seed": 0, "out_dir": "runs",
+        "model": {"config": dict(TINY_LLAMA, hidden_size=32, intermediate_size=64)},
+        "data": {"source": "synthetic", "max_length": 48, "eval_limit": 4,
+                 "world": {"seed": 1, "n_authors": 10, "n_forget_authors": 1, "n_world_facts": 4,
+                           "n_eval_retain_authors": 2},
+                 "eval_splits": {"forget": "forget10_perturbed", "retain": "retain_perturbed"}},
+        "finetune": {"objective": {"class_path": "lightning_unlearn.objectives.FineTune"},
+                     "max_epochs": 1, "batch_size": 32},
+        "objectives": {"ga": {"objective": {"class_path": "lightning_unlearn.objectives.GradAscent",
+                                            "init_args": {"optimizer": {"class_path": "torch.optim.AdamW",
+                                                                        "init_args": {"lr": 1e-3}}}},
+                              "max_epochs": 2, "batch_size": 2, "eval_every_n_epochs": 1,
+                              "trainer": {"callbacks": [{"class_path": "helpers.WaitForSignal"}]}}},
+        "evaluation": {"batch_size": 8, "max_new_tokens": 4},
+        "trainer": {"enable_progress_bar": False},
+    }  # fmt: skip
+    outputs = {}
+    for name in ("whole", "preempted"):
+        work = tmp_path / name
+        work.mkdir()
+        (work / "mini.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        command = [sys.executable, "-m", "lightning_unlearn", "protocol", "--config", str(work / "mini.yaml")]
+        run_dir = work / "runs" / "mini"
+        if name == "preempted":
+            done = signal_at(command, work, 3)  # epoch 0 of ga has 5 steps (10 forget rows, 2 a batch)
+            assert done.returncode == 143, done.stderr[-3000:]
+            assert preempted_line(done.stderr).endswith(
+                f"rerun: cd {shlex.quote(str(work))} && {shlex.join(command)}"
+            )
+            assert torch.load(run_dir / "preempted" / "ga.ckpt", weights_only=True)["global_step"] == 3
+            assert not (run_dir / "models" / "ga").exists()
+            rerun = run(command, work)
+            assert "finetuned: done before, kept" in rerun.stdout and "ga: resuming from" in rerun.stdout
+            assert not (run_dir / "preempted" / "ga.ckpt").exists()
+        else:
+            run(command, work)
+        history = json.loads((run_dir / "histories" / "ga.json").read_text())
+        outputs[name] = (load_file(str(run_dir / "models" / "ga" / "model.safetensors")), history)
+    (want, want_history), (got, got_history) = outputs["whole"], outputs["preempted"]
+    assert [h["step"] for h in want_history] == [0, 5, 10] and got_history == want_history
+    for key in want:
+        assert torch.equal(got[key], want[key]), key

@@ -29,7 +29,9 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_one_step_and_resumes(tmp_path, wo
     assert saved["global_step"] == 2  # rank 0 stopped at rank 1's step, not at a later one
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == 2
 
-    rerun = subprocess.run(line.split("rerun: ", 1)[1], shell=True, env=_env(), capture_output=True, text=True)
+    rerun = subprocess.run(
+        line.split("rerun: ", 1)[1], shell=True, env=_env(), capture_output=True, text=True
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     got = adapter(killed)
     assert got.keys() == want.keys()
