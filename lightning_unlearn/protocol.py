@@ -255,8 +255,11 @@ class Protocol:
         }
         if isinstance(args.get("strategy"), dict):
             args["strategy"] = _instantiate(args["strategy"], "trainer.strategy")
-        own = args.pop("callbacks", None) or []  # the config's own, as class_path/init_args specs
-        own = [_instantiate(c, "trainer.callbacks") for c in (own if isinstance(own, list) else [own])]
+        own = args.pop("callbacks", None) or []  # the config's own (objects, or class_path specs)
+        own = [
+            _instantiate(c, "trainer.callbacks") if isinstance(c, dict) else c
+            for c in (own if isinstance(own, list) else [own])
+        ]
         return SafeTrainer(
             max_epochs=stage.max_epochs,
             logger=self._logger(stage_name),

@@ -6,7 +6,9 @@ fingerprint is a hash of the whole resolved config: the same command finds its o
 a changed config (another learning rate, another forget split) starts fresh instead of resuming
 a different run. The data order is a function of (seed, epoch) only and the checkpoint holds the
 adapter, the optimiser and scheduler states and the loop counters, so the resumed run ends with
-the uninterrupted run's weights; a kill mid-epoch repeats that epoch's steps from its start.
+the uninterrupted run's weights; a SIGKILL mid-epoch repeats that epoch's steps from its start.
+A preemption signal (SIGTERM, SLURM's USR1) instead writes ``last.ckpt`` at the current step, the
+train loader's position included, and the rerun repeats nothing (``preemption``).
 
 Left out: runs with ``enable_checkpointing: false``, runs that bring their own ``ModelCheckpoint``
 (give ``--ckpt_path`` yourself), an explicit ``--ckpt_path``, and ``SequentialForgetting``, which

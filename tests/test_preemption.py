@@ -110,8 +110,6 @@ def whole(tmp_path_factory, world_dir, tokenizer_dir) -> dict[str, torch.Tensor]
     return adapter(work)
 
 
-# Early in epoch 0 (after its first step), mid epoch 1 (after step 5 of 6: 2 of its 3 batches), and
-# in the validation that follows epoch 0 (the stop comes at the next step, 4).
 # Mid epoch 1 (after step 5 of 6: 2 of its 3 batches) and in the validation that follows epoch 0
 # (the stop comes at the next step, 4); early in an epoch (step 1) is the SLURM test's.
 @pytest.mark.parametrize(("step", "where", "stopped_at"), [(5, "train", 5), (3, "validation", 4)])
