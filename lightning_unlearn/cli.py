@@ -2,6 +2,8 @@
 ``lightning-unlearn protocol --config X.yaml`` (the whole TOFU protocol from one file).
 
 Mistakes a user can fix (``UserError``) print one line and exit with status 2, no traceback.
+A preempted command (SIGTERM, SLURM's requeue signal) saves its state, prints one line naming the
+command to rerun and exits with status 143 (``preemption``).
 """
 
 from __future__ import annotations
@@ -83,10 +85,21 @@ def lightning_main(argv: list[str] | None, run: bool = True):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from lightning_unlearn import preemption
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
+    preemption.set_command(argv)
+    try:
+        with preemption.handle_signals():
+            _run(argv)
+    except preemption.Preempted as err:  # state saved (or nothing to save): say what to rerun
+        preemption.exit_preempted(err)
+
+
+def _run(argv: list[str]) -> None:
     try:
         if argv[0] == "protocol":
             protocol_main(argv[1:])

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import importlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,8 @@ from lightning_unlearn.metrics.tofu import forget_quality
 from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_model, load_spec_tokenizer
 from lightning_unlearn.objectives import FineTune, InfluenceStep, UnlearningObjective
 from lightning_unlearn.plots import continual_forgetting, forget_quality_vs_utility, truth_ratio_cdfs
+from lightning_unlearn.preemption import check as check_preempted
+from lightning_unlearn.preemption import preemption_callback
 from lightning_unlearn.quiet import quiet_libraries
 from lightning_unlearn.report import Report, continual_table, metrics_table
 from lightning_unlearn.resume import settings_fingerprint
@@ -255,8 +258,16 @@ class Protocol:
         }
         if isinstance(args.get("strategy"), dict):
             args["strategy"] = _instantiate(args["strategy"], "trainer.strategy")
+        own = args.pop("callbacks", None) or []  # the config's own (objects, or class_path specs)
+        own = [
+            _instantiate(c, "trainer.callbacks") if isinstance(c, dict) else c
+            for c in (own if isinstance(own, list) else [own])
+        ]
         return SafeTrainer(
-            max_epochs=stage.max_epochs, logger=self._logger(stage_name), callbacks=callbacks or [], **args
+            max_epochs=stage.max_epochs,
+            logger=self._logger(stage_name),
+            callbacks=[*(callbacks or []), *own],
+            **args,
         )
 
     def _train(
@@ -279,8 +290,19 @@ class Protocol:
         L.seed_everything(self.seed, verbose=False)
         objective = copy.deepcopy(stage.objective)  # a stage may run twice (target and retain)
         objective.model_spec = model
-        self._trainer(stage_name, stage, callbacks).fit(objective, datamodule=datamodule)
-        return directory if stage.sequential else objective.export(directory, merge=merge)
+        trainer = self._trainer(stage_name, stage, callbacks)
+        # A preempted stage saves its step here; the rerun (the same command) continues from it.
+        preempted = self.run_dir / "preempted" / f"{stage_name}.ckpt"
+        preemption_callback(trainer).checkpoint_path = preempted
+        resume = str(preempted) if preempted.exists() else None
+        if resume:
+            print(f"[{self.name}] {stage_name}: resuming from {preempted}", flush=True)
+        trainer.fit(objective, datamodule=datamodule, ckpt_path=resume)
+        exported = directory if stage.sequential else objective.export(directory, merge=merge)
+        if preempted.is_dir():  # a sharded (distributed) checkpoint
+            shutil.rmtree(preempted)
+        preempted.unlink(missing_ok=True)
+        return exported
 
     def _finetune(self, stage_name: str, split: str) -> Path:
         dm = FineTuneDataModule(
@@ -465,6 +487,7 @@ class Protocol:
         self.continual: dict[str, list[dict]] = {}
         self.continual_requests: dict[str, dict[str, list[dict]]] = {}
         for name, stage in self.objectives.items():
+            check_preempted()  # a signal while a stage was finishing: stop before the next one
             unlearned = self._unlearn(name, stage, target)
             reports[name] = self._evaluate(name, unlearned)
         table = metrics_table({n: r.metrics for n, r in reports.items()}, self._columns(reports))

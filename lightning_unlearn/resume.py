@@ -6,7 +6,9 @@ fingerprint is a hash of the whole resolved config: the same command finds its o
 a changed config (another learning rate, another forget split) starts fresh instead of resuming
 a different run. The data order is a function of (seed, epoch) only and the checkpoint holds the
 adapter, the optimiser and scheduler states and the loop counters, so the resumed run ends with
-the uninterrupted run's weights; a kill mid-epoch repeats that epoch's steps from its start.
+the uninterrupted run's weights; a SIGKILL mid-epoch repeats that epoch's steps from its start.
+A preemption signal (SIGTERM, SLURM's USR1) instead writes ``last.ckpt`` at the current step, the
+train loader's position included, and the rerun repeats nothing (``preemption``).
 
 Left out: runs with ``enable_checkpointing: false``, runs that bring their own ``ModelCheckpoint``
 (give ``--ckpt_path`` yourself), an explicit ``--ckpt_path``, and ``SequentialForgetting``, which
@@ -28,6 +30,7 @@ from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_unlearn.preemption import preemption_callback
 from lightning_unlearn.safe_load import SafeCheckpointCLI
 
 RESUME_FILE = "last"
@@ -99,14 +102,13 @@ class UnlearnCLI(SafeCheckpointCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         self.resume_dir = None
+        root = Path(config.get("default_root_dir") or ".")
+        run_dir = root / "runs" / "resume" / config_fingerprint(self.config[self.subcommand].as_dict())
         wanted = self.subcommand == "fit" and config.get("enable_checkpointing", True) is not False
         configured = config.get("callbacks") or []
         given = [*callbacks, *(configured if isinstance(configured, list) else [configured])]
         if wanted and not any(_owns_resume(c) for c in given):
-            root = Path(config.get("default_root_dir") or ".")
-            self.resume_dir = (
-                root / "runs" / "resume" / config_fingerprint(self.config[self.subcommand].as_dict())
-            )
+            self.resume_dir = run_dir
             callbacks = [
                 *callbacks,
                 ModelCheckpoint(
@@ -117,7 +119,21 @@ class UnlearnCLI(SafeCheckpointCLI):
                     save_on_train_epoch_end=True,
                 ),
             ]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if self.subcommand == "fit":
+            self._preempt_to(trainer, run_dir)
+        return trainer
+
+    def _preempt_to(self, trainer: Trainer, run_dir: Path) -> None:
+        """Where a preempted fit saves its step: our own resume checkpoint when this command resumes
+        by itself (the rerun is the same command), else ``preempted.ckpt`` beside it, which the
+        rerun names with ``--ckpt_path``."""
+        preemption = preemption_callback(trainer)
+        if self.resume_dir is not None:
+            preemption.checkpoint_path = self.resume_dir / f"{RESUME_FILE}.ckpt"
+        else:
+            preemption.checkpoint_path = run_dir / "preempted.ckpt"
+            preemption.extra = ["--ckpt_path", str(preemption.checkpoint_path)]
 
     def before_fit(self) -> None:
         settings = self.config_init[self.subcommand]

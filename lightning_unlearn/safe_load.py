@@ -185,7 +185,15 @@ class SafeTrainer(L.Trainer):
     this way; a checkpoint that needs more (a pickled object) is refused with a UserError naming
     it, before any of its code could run. ``weights_only=False`` is refused too. The same
     arguments as ``Trainer``; ``weights_only`` defaults to True.
+
+    It also stops cleanly on preemption (SIGTERM, SLURM's requeue signal): see ``preemption``.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from lightning_unlearn.preemption import install
+
+        install(self)
 
     def _guard(self, weights_only: bool | None) -> None:
         if weights_only is False:

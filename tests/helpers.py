@@ -87,3 +87,39 @@ def forget10_data(world_dir, tokenizer_dir: str, batch_size: int) -> dict:
             "max_length": 64,
         },
     }
+
+
+class WaitForSignal(Callback):
+    """Test harness for preemption: when ``LU_SIGNAL_AT_STEP`` is set, once the global step reaches
+    it (at the end of that training batch, or with ``LU_SIGNAL_IN=validation`` in the validation
+    batch after it) the rank ``LU_SIGNAL_RANK`` (default 0) writes its pid to ``LU_SIGNAL_MARKER``
+    and waits, at most a minute, for the test to send it a real signal. Unset, it does nothing."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def _wait(self, trainer, where: str) -> None:
+        from lightning_unlearn import preemption
+
+        step = os.environ.get("LU_SIGNAL_AT_STEP")
+        if step is None or self.done or os.environ.get("LU_SIGNAL_IN", "train") != where:
+            return
+        if trainer.global_step < int(step) or trainer.global_rank != int(
+            os.environ.get("LU_SIGNAL_RANK", "0")
+        ):
+            return
+        self.done = True
+        marker = Path(os.environ["LU_SIGNAL_MARKER"])
+        marker.with_suffix(".tmp").write_text(str(os.getpid()))
+        marker.with_suffix(".tmp").rename(marker)
+        deadline = time.time() + 60
+        while preemption.received() is None and time.time() < deadline:
+            time.sleep(0.01)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._wait(trainer, "train")
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        self._wait(trainer, "validation")

@@ -113,7 +113,15 @@ class UnlearningEvaluation(Callback):
 
     # -- when ----------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.evaluate(trainer, pl_module)
+        if not self.history:  # a run resumed from a checkpoint has its start evaluated already
+            self.evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        # In every checkpoint, so a resumed run (a preempted one, mid-epoch) keeps its history.
+        return {"history": self.history, "best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history, self.best = list(state_dict["history"]), state_dict["best"]
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.periodic and (trainer.current_epoch + 1) % self.every_n_epochs == 0:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn.data.collate import TrainCollator
 from lightning_unlearn.data.formatting import PLAIN, PromptFormat, encode
 from lightning_unlearn.data.records import check_disjoint
 from lightning_unlearn.data.refusals import load_refusals, refusal_records
+from lightning_unlearn.data.resumable import ResumableLoader, ResumableSampler
 from lightning_unlearn.data.tofu import load_split, split_where
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.distributed import shard_indices
@@ -96,23 +97,24 @@ class PairedDataset(Dataset):
         return [{**items[i], "index": i} for i in shard_indices(len(items), rank, world_size)]
 
 
-class EpochShuffle(DistributedSampler):
+class EpochShuffle(ResumableSampler):
     """A permutation drawn from (seed, the dataset's current epoch) when iteration starts, never
     from the global RNG: the order of an epoch does not depend on what else drew random numbers
     before it (a sanity check, an adapter re-initialisation), so a resumed sequential run sees the
     same batches as an uninterrupted one. With ``num_replicas`` ranks, rank r takes positions
     r, r + num_replicas, ... of that one permutation (padded by wrapping round), so every world
     size sees the same global batches. It is a DistributedSampler so that Lightning does not wrap
-    it in its own, which would reshuffle with a different seed."""
+    it in its own, which would reshuffle with a different seed; a ``ResumableSampler``, so a
+    preempted run restarts mid-epoch."""
 
     def __init__(self, dataset: PairedDataset, num_replicas: int = 1, rank: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
 
-    def __iter__(self):
+    def order(self) -> list[int]:
         gen = torch.Generator().manual_seed((self.dataset.seed * 1_000_003 + self.dataset.epoch) * 7919 + 1)
         order = torch.randperm(len(self.dataset), generator=gen).tolist()
         order += order[: self.total_size - len(order)]
-        return iter(order[self.rank : self.total_size : self.num_replicas])
+        return order[self.rank : self.total_size : self.num_replicas]
 
 
 class _Flatten(TrainCollator):
@@ -147,9 +149,9 @@ class _LoaderMixin:
     def train_dataloader(self) -> DataLoader:
         # The order is a function of (seed, epoch) only, never of the global RNG, and one
         # permutation is dealt to the ranks: 2 processes see the batches 1 process does, and a
-        # run resumed at an epoch boundary sees the epochs an uninterrupted one would.
-        sampler = DistributedSampler(self.dataset, shuffle=True, seed=self.seed, **self._replicas())
-        return DataLoader(
+        # run resumed at an epoch boundary or mid-epoch sees the batches an uninterrupted one would.
+        sampler = ResumableSampler(self.dataset, shuffle=True, seed=self.seed, **self._replicas())
+        return ResumableLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=sampler,
@@ -238,7 +240,7 @@ class UnlearningDataModule(_LoaderMixin, LightningDataModule):
         self.epoch_offset = 0  # sequential forgetting: pairing epochs count from the request's start
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return ResumableLoader(
             self.dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffle(self.dataset, **self._replicas()),

@@ -85,6 +85,10 @@ class InfluenceStep(UnlearningObjective):
             writes nothing (call ``export``).
     """
 
+    # One step that is the whole solve: a preemption signal stops it at once (nothing is written
+    # until it finishes; the rerun solves again) instead of waiting for the step to end.
+    saves_mid_epoch = False
+
     def __init__(
         self,
         model: ModelSpec | None = None,
