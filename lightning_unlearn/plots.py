@@ -108,11 +108,15 @@ def sweep_pareto(
     path: str | Path,
     best: tuple[float, float] | None = None,
     retain_utility: float | None = None,
+    min_utility: float | None = None,
 ) -> Path:
     """A sweep's evaluations as (model_utility, forget_quality) points, one colour per trial, the
     Pareto front joined and ringed, the chosen evaluation a red ring, the retain model (the goal:
-    forget quality 1 at its utility) a star; forget quality on a log axis as in TOFU's figures."""
+    forget quality 1 at its utility) a star, the rule's lowest allowed utility a dashed line;
+    forget quality on a log axis as in TOFU's figures."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    if min_utility is not None:
+        ax.axvline(min_utility, color="grey", linestyle="--", linewidth=0.8, label="rule's utility floor")
     for k, (name, points) in enumerate(trials.items()):
         if points:
             xs, ys = zip(*points, strict=True)

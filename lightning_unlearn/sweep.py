@@ -146,7 +146,12 @@ class Sweep:
         self.points = grid(self.dims, self.where) if sampler == "grid" else None
         self.protocol_config = self._load_protocol(out_dir)
         self.entry = self.protocol_config["objectives"][objective]
-        self.protocol = self._build({})
+        try:
+            self.protocol = self._build({})
+        except UserError as err:
+            raise UserError(f"{self.where}: protocol '{protocol}': {err}") from None
+        except Exception as err:  # jsonargparse: nested lines, the innermost names the problem
+            raise UserError(f"{self.where}: protocol '{protocol}': {_innermost(err)}") from None
         for dim in self.dims:  # each key alone, with each listed value (or each end of its range)
             for value in dim.examples():
                 self._check(dim, value)
@@ -206,10 +211,8 @@ class Sweep:
             stage = self.stage({dim.key: value})
         except UserError as err:
             raise UserError(f"{self.where}: space key '{dim.key}' = {value!r}: {err}") from None
-        except Exception as err:  # jsonargparse: nested lines, the innermost names the problem
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            reason = lines[-1] if lines else type(err).__name__
-            raise UserError(f"{self.where}: space key '{dim.key}' = {value!r}: {reason}") from None
+        except Exception as err:
+            raise UserError(f"{self.where}: space key '{dim.key}' = {value!r}: {_innermost(err)}") from None
         if isinstance(stage.objective, InfluenceStep) or stage.sequential is not None:
             raise UserError(
                 f"{self.where}: objective '{self.objective_name}' is sequential or an InfluenceStep: "
@@ -343,13 +346,10 @@ class Sweep:
         settings = {dim.key: dim.suggest(trial) for dim in self.dims}
         name = _trial_name(trial.number)
         print(f"[{self.name}] {name}: {settings}", flush=True)
-        stage = self.stage(settings)
         directory = self.run_dir / "trials" / name
-        steps = self.every_n_steps
-        epochs = self.every_n_epochs or (None if steps else stage.eval_every_n_epochs or 1)
         during = UnlearningEvaluation(
-            every_n_epochs=epochs or 1,
-            every_n_steps=steps,
+            every_n_epochs=self.every_n_epochs or 1,
+            every_n_steps=self.every_n_steps,
             monitor=self.best.metric,
             mode=self.best.mode,
             min_ratio=self.best.min_ratio,
@@ -358,6 +358,9 @@ class Sweep:
         )
         start = time.perf_counter()
         try:
+            stage = self.stage(settings)  # a value its setting refuses fails this trial alone
+            if self.every_n_epochs is None and self.every_n_steps is None:
+                during.every_n_epochs = stage.eval_every_n_epochs or 1
             self.protocol._unlearn(name, stage, self.target, during)
         except UserError as err:  # e.g. a diverged loss: this trial's result, not the sweep's end
             trial.set_user_attr(ERROR, str(err))
@@ -451,9 +454,10 @@ class Sweep:
         chosen = None
         if best is not None:
             chosen = (best["evaluation"].get("model_utility"), best["evaluation"].get("forget_quality"))
-        sweep_pareto(
-            by_trial, front, self.run_dir / "pareto.png", chosen, summary["retain"].get("model_utility")
-        )
+        ratio, target = self.best.min_ratio.get("model_utility"), summary["target"].get("model_utility")
+        floor = ratio * target if ratio is not None and _number(target) else None
+        retain = summary["retain"].get("model_utility")
+        sweep_pareto(by_trial, front, self.run_dir / "pareto.png", chosen, retain, floor)
 
 
 def _kept_step(history: list[dict], rule: BestRule) -> int | None:
@@ -501,6 +505,12 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
+
+
+def _innermost(error: Exception) -> str:
+    """The last line of a jsonargparse error: it nests a line per level, the last names the problem."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _key(params: dict) -> str:

@@ -160,7 +160,7 @@ class UnlearningEvaluation(Callback):
         unknown = [m for m in self.min_ratio if m not in start]
         if unknown:
             raise UserError(f"min_ratio names unknown metric(s) {unknown}: choose from {', '.join(start)}")
-        if any(entry[m] < r * start[m] for m, r in self.min_ratio.items()):
+        if not all(entry[m] >= r * start[m] for m, r in self.min_ratio.items()):  # nan fails
             return
         better = self.best is None or (
             value > self.best[self.monitor] if self.mode == "max" else value < self.best[self.monitor]
