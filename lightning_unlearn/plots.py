@@ -115,3 +115,41 @@ def continual_forgetting(runs: Mapping[str, Sequence[Mapping]], path: str | Path
             twin.legend(fontsize=7, loc="lower right")
         ax.legend(fontsize=7, loc="lower left")
     return _save(fig, path)
+
+
+def sweep_pareto(
+    trials: Mapping[str, Sequence[tuple[float, float]]],
+    front: Sequence[tuple[float, float]],
+    path: str | Path,
+    best: tuple[float, float] | None = None,
+    retain_utility: float | None = None,
+    min_utility: float | None = None,
+) -> Path:
+    """A sweep's evaluations as (model_utility, forget_quality) points, one colour per trial, the
+    Pareto front joined and ringed, the chosen evaluation a red ring, the retain model (the goal:
+    forget quality 1 at its utility) a star, the rule's lowest allowed utility a dashed line;
+    forget quality on a log axis as in TOFU's figures."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    if min_utility is not None:
+        ax.axvline(min_utility, color="grey", linestyle="--", linewidth=0.8, label="rule's utility floor")
+    for k, (name, points) in enumerate(trials.items()):
+        if points:
+            xs, ys = zip(*points, strict=True)
+            color = plt.cm.viridis(k / max(1, len(trials) - 1))
+            ax.plot(xs, ys, marker=".", linestyle="", color=color, label=name)
+    if front:
+        xs, ys = zip(*sorted(front), strict=True)
+        ax.plot(
+            xs, ys, color="black", linewidth=0.8, marker="o", markerfacecolor="none", label="Pareto front"
+        )
+    if best is not None:
+        ax.plot(
+            *best, marker="o", markersize=13, markerfacecolor="none", color="red", linestyle="", label="best"
+        )
+    if retain_utility is not None:
+        ax.plot(retain_utility, 1.0, marker="*", markersize=12, color="black", linestyle="", label="retain")
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility")
+    ax.set_ylabel("forget quality (KS p-value)")
+    ax.legend(fontsize=7, ncol=2 if len(trials) > 8 else 1, loc="best")
+    return _save(fig, path)

@@ -346,7 +346,12 @@ class Protocol:
         )
         return self._train(stage_name, dataclasses.replace(stage, objective=step, max_epochs=1), spec, edits)
 
-    def _unlearn(self, stage_name: str, stage: Stage, target: Path) -> Path:
+    def _unlearn(
+        self, stage_name: str, stage: Stage, target: Path, during: UnlearningEvaluation | None = None
+    ) -> Path:
+        """Unlearn the target with ``stage``. ``during`` (a sweep's) replaces the evaluation during
+        training that the stage's own ``eval_every_n_epochs`` would add; its evaluator is the
+        protocol's."""
         if isinstance(stage.objective, InfluenceStep):
             return self._influence(stage_name, stage, target)
         dm = UnlearningDataModule(
@@ -363,17 +368,19 @@ class Protocol:
         )
         spec = ModelSpec(path=str(target), dtype=self.base.dtype)
         callbacks: list = []
-        if stage.eval_every_n_epochs or stage.sequential:
-            history = self.run_dir / "histories" / f"{stage_name}.json"
+        own = during is None and bool(stage.eval_every_n_epochs or stage.sequential)
+        history = self.run_dir / "histories" / f"{stage_name}.json"
+        if own:
             during = UnlearningEvaluation(
                 every_n_epochs=stage.eval_every_n_epochs or 1, history_path=str(history)
             )
+        if during is not None:
             during.evaluator = self._evaluator(load_spec_tokenizer(spec), progress=False)
             callbacks.append(during)
         if stage.sequential:
             callbacks.append(self._sequential(stage_name, stage.sequential))
         unlearned = self._train(stage_name, stage, spec, dm, callbacks)
-        if stage.eval_every_n_epochs:  # from its file: a resumed run may not have trained the stage
+        if own and stage.eval_every_n_epochs:  # from its file: a resumed run may not have trained it
             self.histories[stage_name] = json.loads(history.read_text())
         if stage.sequential:
             ledger = callbacks[1].dirpath / "ledger.jsonl"
@@ -446,11 +453,21 @@ class Protocol:
         report.save(self.run_dir / "reports" / name)
         return report
 
+    def settings(self, objectives: bool = True) -> dict[str, Any]:
+        """What a run's results depend on (the fingerprinted settings); a sweep leaves out the
+        objectives, which it replaces trial by trial."""
+        names = (
+            ("base", "finetune", "objectives", "data", "evaluation")
+            if objectives
+            else ("base", "finetune", "data", "evaluation")
+        )
+        settings = {k: getattr(self, k) for k in names}
+        return {**settings, "trainer": self.trainer_args, "seed": self.seed}
+
     def _claim_run_dir(self) -> None:
         """Resume only a run of these very settings: ``settings.fingerprint`` in the run directory
         must match, else stop before touching anything (a changed config needs another name)."""
-        settings = {k: getattr(self, k) for k in ("base", "finetune", "objectives", "data", "evaluation")}
-        fingerprint = settings_fingerprint({**settings, "trainer": self.trainer_args, "seed": self.seed})
+        fingerprint = settings_fingerprint(self.settings())
         marker = self.run_dir / "settings.fingerprint"
         if marker.is_file() and marker.read_text().strip() == fingerprint:
             print(f"[{self.name}] resuming {self.run_dir}: finished stages are kept", flush=True)
@@ -471,18 +488,8 @@ class Protocol:
     def _run(self) -> dict[str, Report]:
         start = time.perf_counter()
         self._claim_run_dir()
-        self.prepare_data()
-        retain_dir = self._finetune("retain", "retain")
-        self.retain_tr = self.retain_mia = None
-        retain_report = self._evaluate("retain", retain_dir)
-        self.retain_tr = retain_report.per_sample.get("forget_truth_ratio")
-        self.retain_mia = retain_report.metrics.get("mia_min_k")
-        if self.retain_tr is not None:
-            retain_report.metrics["forget_quality"] = forget_quality(self.retain_tr, self.retain_tr)
-        if self.retain_mia is not None:
-            retain_report.metrics["privleak"] = 0.0  # the reference itself, by definition
-        target = self._finetune("finetuned", "full")
-        reports = {"finetuned": self._evaluate("finetuned", target), "retain": retain_report}
+        target, reports = self.prepare_models()
+        retain_report = reports["retain"]
         self.histories: dict[str, list[dict]] = {}
         self.continual: dict[str, list[dict]] = {}
         self.continual_requests: dict[str, dict[str, list[dict]]] = {}
@@ -518,6 +525,23 @@ class Protocol:
             f"[{self.name}] done in {time.perf_counter() - start:.0f} s; report: {self.run_dir / 'report.json'}"
         )
         return reports
+
+    def prepare_models(self) -> tuple[Path, dict[str, Report]]:
+        """The data, the retain model and the target, each trained and evaluated once (a resumed
+        run keeps them); returns the target's directory and both reports. Sets the retain
+        references (truth ratios, MIA AUC) every later evaluation compares against."""
+        self.prepare_data()
+        retain_dir = self._finetune("retain", "retain")
+        self.retain_tr = self.retain_mia = None
+        retain_report = self._evaluate("retain", retain_dir)
+        self.retain_tr = retain_report.per_sample.get("forget_truth_ratio")
+        self.retain_mia = retain_report.metrics.get("mia_min_k")
+        if self.retain_tr is not None:
+            retain_report.metrics["forget_quality"] = forget_quality(self.retain_tr, self.retain_tr)
+        if self.retain_mia is not None:
+            retain_report.metrics["privleak"] = 0.0  # the reference itself, by definition
+        target = self._finetune("finetuned", "full")
+        return target, {"finetuned": self._evaluate("finetuned", target), "retain": retain_report}
 
     def _continual_report(self, target: Report) -> None:
         """Per sequential stage and step: each request's forget quality so far and model utility
