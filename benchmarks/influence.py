@@ -1,7 +1,12 @@
 """Influence-function removal (LLMEraser) against retraining without the removed records.
 
     python benchmarks/influence.py [--n-train 64] [--remove 4] [--damping 0.3] [--extra-damping 0] \
-        [--lora-r 1] [--targets q_proj v_proj] [--seed 0]
+        [--lora-r 1] [--targets q_proj v_proj] [--seed 0] [--solver cg kfac ekfac datainf lissa]
+
+``--solver`` also runs each named inverse-HVP directly (``influence_delta``) on the same removal and
+prints them side by side: wall time, iterations (passes over the data for the layer-wise ones),
+cosine and norm ratio with ``exact`` (run as the reference when the adapter has at most
+--exact-max-dim parameters) and with the retrain's change, and the losses after each step.
 
 The defaults run in under a minute on 2 cores. With r >= 2 (say --lora-r 4 --damping 0.1
 --extra-damping 0.1) theta_hat itself is not reached: L-BFGS stops at its iteration limit (1000 in our run, 70 s) with
@@ -78,6 +83,7 @@ from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.evaluation import Evaluator
 from lightning_unlearn.influence import (
+    METHODS,
     Edit,
     NegativeCurvatureError,
     flatten,
@@ -240,6 +246,90 @@ def run_influence_step(
     return seconds, json.loads((out_dir / "summary.json").read_text())
 
 
+@dataclass
+class SolverRun:
+    """One --solver: wall seconds of influence_delta, its iterations (passes for the layer-wise
+    ones), and v."""
+
+    seconds: float
+    iterations: int
+    v: Tensor
+
+
+def solver_options(args: argparse.Namespace, method: str) -> dict:
+    """The stopping rules this benchmark gives each solver (the rest are the solver's defaults)."""
+    if method == "cg":
+        return {"tol": args.tol, "max_iter": args.cg_max_iter}
+    if method in ("stochastic", "lissa"):
+        return {"max_iter": args.stochastic_iter}
+    if method == "exact":
+        return {"max_dim": args.exact_max_dim}
+    if method in ("kfac", "ekfac"):
+        return {"mc_samples": args.mc_samples}
+    return {}
+
+
+def run_solvers(
+    args: argparse.Namespace,
+    model: nn.Module,
+    train_batches: list[dict],
+    removed_batches: list[dict],
+    n: int,
+    damping: float,
+    names: list[str],
+    dim: int,
+) -> dict[str, SolverRun]:
+    """influence_delta for every --solver (and exact first, as the reference, when the adapter has
+    at most --exact-max-dim parameters), timed."""
+    methods = list(dict.fromkeys(args.solver))
+    if dim <= args.exact_max_dim and "exact" not in methods:
+        methods.insert(0, "exact")
+    edit = Edit("instance_removal", removed=removed_batches)
+    runs = {}
+    for method in methods:
+        start = time.perf_counter()
+        try:
+            delta, result = influence_delta(
+                model, train_batches, edit, n, damping, method, **solver_options(args, method)
+            )
+        except NegativeCurvatureError as err:
+            log(f"{method}: {err}")
+            continue
+        runs[method] = SolverRun(
+            time.perf_counter() - start, result.iterations, flatten(delta[k] for k in names)
+        )
+        log(f"{method}: {runs[method].seconds:.2f} s, {result.iterations} iterations")
+    return runs
+
+
+def print_solvers(
+    runs: dict[str, SolverRun],
+    model: nn.Module,
+    params: list[Tensor],
+    theta_hat: Tensor,
+    theta_retrain: Tensor,
+    removed_batches: list[dict],
+    kept_batches: list[dict],
+) -> None:
+    """The --solver table: cost, and where each step lands against exact and against the retrain."""
+    exact = runs.get("exact")
+    target = theta_retrain - theta_hat
+    print("\nSolvers side by side (influence_delta called directly; exact: dense H from HVPs)")
+    print("\n| solver | wall s | iterations / passes | cos(v, v_exact) | |v| / |v_exact| "
+          "| cos(v, Δθ_retrain) | |v| / |Δθ_retrain| | loss removed | loss kept |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for method, run in runs.items():
+        assign(params, theta_hat + run.v)
+        versus_exact = (f"{cosine(run.v, exact.v):.4f} | {(run.v.norm() / exact.v.norm()).item():.3f}"
+                        if exact is not None else "- | -")  # fmt: skip
+        print(
+            f"| {method} | {run.seconds:.2f} | {run.iterations} | {versus_exact} | {cosine(run.v, target):.4f} "
+            f"| {(run.v.norm() / target.norm()).item():.3f} | {per_example(model, removed_batches).mean():.4f} "
+            f"| {per_example(model, kept_batches).mean():.4f} |"
+        )
+    assign(params, theta_hat)
+
+
 def per_example(model: nn.Module, batches: list[dict]) -> Tensor:
     with torch.no_grad():
         return torch.cat([per_example_loss(model, b) for b in batches])
@@ -277,6 +367,14 @@ def main() -> None:
         "--kept-hessian", action=argparse.BooleanOptionalAction, default=True,
         help="also take the Newton step with the kept records' Hessian (a diagnostic; one more solve)",
     )  # fmt: skip
+    parser.add_argument(
+        "--solver", nargs="+", default=["cg", "kfac", "ekfac", "datainf", "lissa"], choices=METHODS,
+        help="inverse-HVPs to compare side by side (time, cosine with exact, with the retrain)",
+    )  # fmt: skip
+    parser.add_argument("--exact-max-dim", type=int, default=1024,
+                        help="also run exact (the reference) when the adapter has at most this many parameters")  # fmt: skip
+    parser.add_argument("--stochastic-iter", type=int, default=200, help="iterations of stochastic / lissa")
+    parser.add_argument("--mc-samples", type=int, default=1, help="kfac / ekfac: label draws per token")
     parser.add_argument("--work-dir", help="keep the world, base, adapters here (default: a temp dir)")
     args = parser.parse_args()
     if not 1 <= args.remove < args.n_train:
@@ -397,6 +495,10 @@ def main() -> None:
                     "negative curvature there, so no single Newton step can reach the retrain)"
                 )
 
+        # (c) every --solver on the same removal, called directly, against exact where it fits.
+        solver_runs = run_solvers(args, model, train_batches, removed_batches, n, solve_damping, names,
+                                  theta_hat.numel())  # fmt: skip
+
         # (b) retraining without the removed records: from theta_0, and warm from theta_hat.
         assign(params, theta_0)
         fits[SCRATCH] = fit_lbfgs(model, params, kept_batches, n, args.damping, args)
@@ -495,6 +597,7 @@ def main() -> None:
         )
     for note in notes:
         print(f"\n{note}")
+    print_solvers(solver_runs, model, params, theta_hat, thetas[SCRATCH], removed_batches, kept_batches)
     v, target = theta_influence - theta_hat, thetas[SCRATCH] - theta_hat
     print(
         f"\nretrain from theta_0 / influence step: {retrain_s / solve_s:.2f}x the cg solve, "

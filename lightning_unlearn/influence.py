@@ -57,13 +57,20 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lightning_unlearn.curvature import linear_layers, make_probes
+from lightning_unlearn.datainf import datainf_solve
 from lightning_unlearn.errors import UserError
+from lightning_unlearn.kfac import eigenbases, kronecker_factors, refit_eigenvalues
 from lightning_unlearn.losses import mean_token_nll
 
 HVP = Callable[[Tensor], Tensor]
 Reduce = Callable[[Tensor], Tensor]
 
-METHODS = ("exact", "cg", "stochastic")
+# Solvers that only need v -> H v (double-backward HVPs), and layer-wise ones that read per-layer
+# statistics off one (two for ekfac) ordinary forward/backward pass and never form an HVP.
+HVP_METHODS = ("exact", "cg", "stochastic", "lissa")
+LAYERWISE_METHODS = ("kfac", "ekfac", "datainf")
+METHODS = HVP_METHODS + LAYERWISE_METHODS
 EDIT_KINDS = ("instance_removal", "query_modification", "response_correction")
 
 
@@ -77,12 +84,14 @@ class NegativeCurvatureError(InfluenceError):
 
 @dataclass
 class SolveResult:
-    """The solution ``v`` of (H + damping I) v = b, how many iterations (HVP calls for ``exact``) it
-    took, and its true relative residual ||(H + damping I) v - b|| / ||b||."""
+    """The solution ``v`` of (H + damping I) v = b, how many iterations (HVP calls for ``exact``,
+    passes over the training data for the layer-wise methods) it took, and its true relative
+    residual ||(H + damping I) v - b|| / ||b|| (None where it was not computed: the layer-wise
+    methods skip it unless ``residual=True``, since it costs one full HVP)."""
 
     v: Tensor
     iterations: int
-    relative_residual: float
+    relative_residual: float | None
     method: str
 
 
@@ -236,26 +245,42 @@ def solve(hvp: HVP, b: Tensor, damping: float, method: str = "cg", **options) ->
     options ``max_dim``). ``cg``: conjugate gradient with full HVPs (options ``tol``, ``max_iter``,
     ``on_step``). ``stochastic``: LLMEraser's finite-sum quadratic with mini-batch HVPs (options
     ``batch_hvps``, ``lr``, ``momentum``, ``max_iter``, ``tol``, ``seed``, ``average``,
-    ``power_iters``, ``on_step``). The residual reported is the true one, from one more ``hvp`` call.
+    ``power_iters``, ``on_step``). ``lissa``: the LiSSA recursion on mini-batch HVPs (options
+    ``batch_hvps``, ``scale``, ``max_iter``, ``repeats``, ``tol``, ``seed``, ``power_iters``,
+    ``on_step``). The residual reported is the true one, from one more ``hvp`` call. The
+    layer-wise methods (``kfac``, ``ekfac``, ``datainf``) need the model: see ``influence_delta``.
     """
-    solvers = {"exact": _solve_exact, "cg": _solve_cg, "stochastic": _solve_stochastic}
-    if method not in solvers:
-        raise InfluenceError(f"influence method must be one of {', '.join(METHODS)}, got {method!r}")
-    if not damping >= 0:
-        raise InfluenceError(f"damping must be >= 0, got {damping}")
-    solver = solvers[method]
-    allowed = [name for name in inspect.signature(solver).parameters if name not in ("hvp", "b", "damping")]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
+    if method not in HVP_METHODS:
         raise InfluenceError(
-            f"unknown option(s) {', '.join(unknown)} for method {method!r}; it takes {', '.join(allowed)}"
+            f"solve takes an HVP method ({', '.join(HVP_METHODS)}), got {method!r}; the layer-wise "
+            "methods need the model: use influence_delta"
         )
+    check_options(method, damping, options)
+    solver = _HVP_SOLVERS[method]
     b_norm = b.norm().item()
     if b_norm == 0:
         return SolveResult(torch.zeros_like(b), 0, 0.0, method)
     v, iterations = solver(hvp, b, damping, **options)
     residual = (hvp(v) + damping * v - b).norm().item() / b_norm
     return SolveResult(v, iterations, residual, method)
+
+
+def check_options(method: str, damping: float, options: dict) -> None:
+    """Refuse an unknown method, a damping it cannot use, or an option it does not take, naming it."""
+    if method not in METHODS:
+        raise InfluenceError(f"influence method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method in LAYERWISE_METHODS and not damping > 0:
+        raise InfluenceError(f"method {method!r} divides by the damping: it must be > 0, got {damping}")
+    if not damping >= 0:
+        raise InfluenceError(f"damping must be >= 0, got {damping}")
+    signature = _HVP_SOLVERS.get(method) or _LAYERWISE_OPTIONS[method]
+    skip = ("hvp", "b", "damping")
+    allowed = [name for name in inspect.signature(signature).parameters if name not in skip]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise InfluenceError(
+            f"unknown option(s) {', '.join(unknown)} for method {method!r}; it takes {', '.join(allowed)}"
+        )
 
 
 def _solve_exact(hvp: HVP, b: Tensor, damping: float, max_dim: int = 20000) -> tuple[Tensor, int]:
@@ -400,6 +425,137 @@ def _solve_stochastic(
     return (mean_v if n_mean > 0 else v), iteration
 
 
+def _solve_lissa(
+    hvp: HVP,
+    b: Tensor,
+    damping: float,
+    batch_hvps: Sequence[HVP] | None = None,
+    scale: float | None = None,
+    max_iter: int = 1000,
+    repeats: int = 1,
+    tol: float = 0.0,
+    seed: int = 0,
+    power_iters: int = 20,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[Tensor, int]:
+    # LiSSA (Agarwal, Bullins & Hazan 2017, "Second-Order Stochastic Optimization for Machine
+    # Learning in Linear Time", Algorithm 1; for influence functions, Koh & Liang 2017): with
+    # A = H + damping I and scale s above A's largest eigenvalue, A^-1 = (1/s) sum_j (I - A/s)^j,
+    # and the truncated series is the recursion u_0 = b, u_j = b + u_{j-1} - A_j u_{j-1} / s with
+    # A_j = H_j + damping I on a random mini-batch (unbiased for A); v = u_J / s. With the full hvp
+    # it is Richardson iteration and converges to A^-1 b at rate 1 - lambda_min(A)/s; mini-batches
+    # leave noise, which ``repeats`` independent recursions average down. The default scale is
+    # 1.2x the largest eigenvalue of A by power iteration (``power_iters`` full HVPs): mini-batch
+    # Hessians are sharper than H. ``tol`` stops a recursion once ||u_j - u_{j-1}|| <= tol ||u_j||.
+    batch_hvps = list(batch_hvps) if batch_hvps is not None else [hvp]
+    if not batch_hvps:
+        raise InfluenceError("lissa needs at least one mini-batch HVP")
+    if repeats < 1 or max_iter < 1:
+        raise InfluenceError(f"lissa needs repeats >= 1 and max_iter >= 1, got {repeats} and {max_iter}")
+    if scale is None:
+        top = largest_eigenvalue(lambda x: hvp(x) + damping * x, b, power_iters, seed)
+        if top == 0:
+            raise InfluenceError("H + damping I is zero; nothing to solve (set damping > 0)")
+        scale = 1.2 * top
+    if not scale > 0:
+        raise InfluenceError(f"lissa scale must be > 0, got {scale}")
+    generator = torch.Generator().manual_seed(seed)
+    total = torch.zeros_like(b)
+    step = 0
+    for _ in range(repeats):
+        u = b.clone()
+        for _ in range(max_iter):
+            step += 1
+            i = int(torch.randint(len(batch_hvps), (1,), generator=generator))
+            update = b - (batch_hvps[i](u) + damping * u) / scale
+            relative = (update.norm() / u.norm().clamp_min(1e-30)).item()
+            u = u + update
+            if not math.isfinite(relative) or u.norm().item() > 1e8 * b.norm().item():
+                raise _curvature_error(f"lissa diverged at step {step} (scale={scale:.3g})", damping)
+            if on_step is not None:
+                on_step(step, relative)
+            if relative <= tol:
+                break
+        total += u / scale
+    return total / repeats, step
+
+
+_HVP_SOLVERS = {
+    "exact": _solve_exact,
+    "cg": _solve_cg,
+    "stochastic": _solve_stochastic,
+    "lissa": _solve_lissa,
+}
+
+
+# -- layer-wise solvers (K-FAC, EK-FAC, DataInf) -----------------------------------------------
+
+
+def _kfac_options(
+    fisher: str = "mc",
+    mc_samples: int = 1,
+    seed: int = 0,
+    max_batches: int | None = None,
+    residual: bool = False,
+) -> None:
+    """Options of ``kfac`` and ``ekfac``: ``fisher`` ``mc`` (labels sampled from the model: the
+    Gauss-Newton matrix in expectation) or ``empirical`` (the training labels), ``mc_samples`` draws
+    per batch, ``seed`` of the draws, ``max_batches`` (fit the factors on the first batches only),
+    ``residual`` (also compute the true residual: one full HVP)."""
+
+
+def _datainf_options(max_batches: int | None = None, residual: bool = False) -> None:
+    """Options of ``datainf``: ``max_batches`` (average over the first batches only) and
+    ``residual`` (also compute the true residual: one full HVP)."""
+
+
+_LAYERWISE_OPTIONS = {"kfac": _kfac_options, "ekfac": _kfac_options, "datainf": _datainf_options}
+
+
+def _solve_layerwise(
+    model: nn.Module,
+    train_batches: Iterable[dict],
+    named: list[tuple[str, Tensor]],
+    b: Tensor,
+    n_train: int,
+    damping: float,
+    method: str,
+    reduce: Reduce,
+    fisher: str = "mc",
+    mc_samples: int = 1,
+    seed: int = 0,
+    max_batches: int | None = None,
+    residual: bool = False,
+) -> SolveResult:
+    names, params = [n for n, _ in named], [p for _, p in named]
+    layers = linear_layers(model, names)
+    if b.norm().item() == 0:
+        return SolveResult(torch.zeros_like(b), 0, 0.0, method)
+    b_pieces = {
+        n: piece.view_as(p)
+        for n, piece, p in zip(names, torch.split(b, [p.numel() for p in params]), params, strict=True)
+    }
+    if method == "datainf":
+        pieces = datainf_solve(model, layers, train_batches, b_pieces, damping, reduce, b.dtype, max_batches)
+        passes = 1
+    else:
+        probes = make_probes(fisher, mc_samples, seed)
+        bases = eigenbases(
+            kronecker_factors(model, layers, train_batches, probes, reduce, b.dtype, max_batches)
+        )
+        passes = 1
+        if method == "ekfac":
+            refit_eigenvalues(model, layers, bases, train_batches, probes, reduce, b.dtype, max_batches)
+            passes = 2
+        pieces = {n: bases[n].solve(b_pieces[n], damping) for n in names}
+    v = flatten(pieces[n] for n in names)
+    relative = None
+    if residual:
+        hvp = dataset_hvp(model, train_batches, params, n_train, reduce)
+        relative = ((hvp(v) + damping * v - b).norm() / b.norm()).item()
+    return SolveResult(v, passes, relative, method)
+
+
 # -- the model-level step ----------------------------------------------------------------------
 
 
@@ -445,13 +601,14 @@ def influence_delta(
     when torch.distributed is not initialised). For ``stochastic`` the mini-batch HVPs default to one
     per train batch, scaled by len(batches) / n_train so that their average is H; under DDP every rank
     must then hold the same number of batches (ranks draw the same index, and the reduced HVP is that
-    batch summed over ranks). The model is put in eval mode meanwhile (no dropout: the Hessian of a
+    batch summed over ranks); ``lissa`` likewise. ``kfac``, ``ekfac`` and ``datainf`` solve
+    block-diagonally per LoRA factor from one (ekfac: two) plain forward/backward pass over
+    ``train_batches`` (modules ``kfac``, ``datainf``); their partial sums are reduced the same way. The model is put in eval mode meanwhile (no dropout: the Hessian of a
     deterministic loss).
     """
     if n_train < 1:
         raise InfluenceError(f"n_train must be at least 1, got {n_train}")
-    if method not in METHODS:
-        raise InfluenceError(f"influence method must be one of {', '.join(METHODS)}, got {method!r}")
+    check_options(method, damping, options)
     reduce = reduce or all_reduce_sum
     named = trainable_parameters(model)
     params = [p for _, p in named]
@@ -461,7 +618,13 @@ def influence_delta(
         # Work in at least float32 whatever the adapter's dtype.
         work = torch.promote_types(params[0].dtype, torch.float32)
         b = reduce(_edit_gradient(model, edit, params, n_train, work))
-        if method == "stochastic" and options.get("batch_hvps") is None:
+        if method in LAYERWISE_METHODS:
+            result = _solve_layerwise(
+                model, train_batches, named, b, n_train, damping, method, reduce, **options
+            )
+            pieces = unflatten(result.v, params)
+            return {name: piece.detach() for (name, _), piece in zip(named, pieces, strict=True)}, result
+        if method in ("stochastic", "lissa") and options.get("batch_hvps") is None:
             train_batches = list(train_batches)
             scale = len(train_batches) / n_train
             options["batch_hvps"] = [

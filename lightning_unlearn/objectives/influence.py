@@ -28,12 +28,13 @@ from tqdm.auto import tqdm
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.influence import (
     EDIT_KINDS,
+    LAYERWISE_METHODS,
     Edit,
     InfluenceError,
     all_reduce_sum,
     apply_delta,
+    check_options,
     influence_delta,
-    solve,
 )
 from lightning_unlearn.models import ModelSpec, load_adapter, load_model
 from lightning_unlearn.objectives.base import UnlearningObjective
@@ -76,11 +77,15 @@ class InfluenceStep(UnlearningObjective):
             adapter was trained with an L2 penalty (lambda/2)||theta||^2, that same lambda makes
             the step the exact Newton step of the penalised loss.
         method: ``cg`` (conjugate gradient, full-batch HVPs), ``stochastic`` (LLMEraser's
-            mini-batch quadratic program) or ``exact`` (dense Hessian: tiny adapters and tests).
+            mini-batch quadratic program), ``lissa`` (LiSSA on mini-batch HVPs), ``exact`` (dense
+            Hessian: tiny adapters and tests), or the layer-wise ones that need one or two plain
+            passes and no HVP: ``kfac``, ``ekfac`` (Kronecker-factored Gauss-Newton per LoRA factor)
+            and ``datainf`` (DataInf's closed form). See docs/influence.md.
         tol, max_iter: stopping rule of ``cg`` and ``stochastic`` (None: the solver's default).
         solver_options: any other option of ``lightning_unlearn.influence.solve`` for the method
             (``lr``, ``momentum``, ``seed``, ``average``, ``power_iters`` for stochastic;
-            ``max_dim`` for exact).
+            ``scale``, ``repeats`` for lissa; ``max_dim`` for exact; ``fisher``, ``mc_samples``,
+            ``max_batches``, ``residual`` for kfac/ekfac; ``max_batches``, ``residual`` for datainf).
         out_dir: where rank 0 writes the edited adapter and ``summary.json`` when fit ends; None
             writes nothing (call ``export``).
     """
@@ -110,8 +115,7 @@ class InfluenceStep(UnlearningObjective):
         if reserved:
             raise UserError(f"solver_options: {', '.join(reserved)} is set by InfluenceStep itself")
         options.update({k: v for k, v in [("tol", tol), ("max_iter", max_iter)] if v is not None})
-        # A zero right-hand side checks the method, the damping and the option names, solving nothing.
-        solve(lambda x: x, torch.zeros(1), damping, method, **options)
+        check_options(method, damping, options)
         self.adapter_dir, self.edit_kind, self.damping, self.method = adapter_dir, edit, damping, method
         self.options, self.out_dir = options, out_dir
         self.summary: dict[str, Any] | None = None
@@ -151,7 +155,7 @@ class InfluenceStep(UnlearningObjective):
             raise UserError(
                 f"InfluenceStep is configured for edit '{self.edit_kind}' but the data holds '{kind}'"
             )
-        if self.method == "stochastic" and self.trainer.world_size > 1:
+        if self.method in ("stochastic", "lissa") and self.trainer.world_size > 1:
             # Every rank must draw from the same number of mini-batches (the data module ensures it).
             counts = self.all_gather(torch.tensor(len(batch["train"]), device=self.device))
             if counts.min() != counts.max():
@@ -159,7 +163,7 @@ class InfluenceStep(UnlearningObjective):
         edit = Edit(kind, **batch["edit"])
         options = dict(self.options)
         progress = None
-        if self.method != "exact":  # exact builds H column by column and reports no iterations
+        if self.method not in ("exact", *LAYERWISE_METHODS):  # these report no iterations
             progress = options["on_step"] = _Progress(self, options.get("max_iter"))
         start = time.perf_counter()
         try:
@@ -189,13 +193,16 @@ class InfluenceStep(UnlearningObjective):
             "world_size": self.trainer.world_size,
             "adapter_dir": self.adapter_dir,
         }
-        final = {"influence/final_relative_residual": result.relative_residual, "influence/v_norm": v_norm,
-                 "influence/iterations": float(result.iterations), "influence/wall_time_s": wall}  # fmt: skip
+        final = {"influence/v_norm": v_norm, "influence/iterations": float(result.iterations),
+                 "influence/wall_time_s": wall}  # fmt: skip
+        if result.relative_residual is not None:
+            final["influence/final_relative_residual"] = result.relative_residual
         for logger in self.loggers:
             logger.log_metrics(final, step=max(result.iterations, 1))
+        residual = "not computed" if result.relative_residual is None else f"{result.relative_residual:.2e}"
         rank_zero_info(
             f"influence step ({kind}, {self.method}): {result.iterations} iterations, relative residual "
-            f"{result.relative_residual:.2e}, |v| {v_norm:.3g}, {wall:.1f} s"
+            f"{residual}, |v| {v_norm:.3g}, {wall:.1f} s"
         )
         self.trainer.should_stop = True
 
