@@ -11,6 +11,8 @@ from pathlib import Path
 
 import matplotlib
 
+from lightning_unlearn.io import _umask
+
 matplotlib.use("Agg")  # files only: no display on clusters
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -23,6 +25,7 @@ def _save(fig, path: str | Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
         plt.close(fig)
