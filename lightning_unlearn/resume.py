@@ -103,8 +103,11 @@ class UnlearnCLI(SafeCheckpointCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         self.resume_dir = None
         root = Path(config.get("default_root_dir") or ".")
-        run_dir = root / "runs" / "resume" / config_fingerprint(self.config[self.subcommand].as_dict())
-        wanted = self.subcommand == "fit" and config.get("enable_checkpointing", True) is not False
+        fitting = self.subcommand == "fit"  # None when the CLI only builds (run=False)
+        run_dir = (
+            root / "runs" / "resume" / config_fingerprint(self.config["fit"].as_dict()) if fitting else None
+        )
+        wanted = fitting and config.get("enable_checkpointing", True) is not False
         configured = config.get("callbacks") or []
         given = [*callbacks, *(configured if isinstance(configured, list) else [configured])]
         if wanted and not any(_owns_resume(c) for c in given):
@@ -120,7 +123,7 @@ class UnlearnCLI(SafeCheckpointCLI):
                 ),
             ]
         trainer = super()._instantiate_trainer(config, callbacks)
-        if self.subcommand == "fit":
+        if fitting:
             self._preempt_to(trainer, run_dir)
         return trainer
 
