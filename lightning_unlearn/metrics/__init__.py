@@ -1,1 +1,1 @@
-"""Unlearning metrics (DESIGN section 6)."""
+"""Unlearning metrics: TOFU, memorisation, membership inference, generation quality."""

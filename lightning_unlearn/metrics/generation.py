@@ -2,7 +2,7 @@
 
 Yuan et al. 2024, "A Closer Look at Machine Unlearning for Large Language Models" (arXiv:2410.08109),
 code ``sail-sg/closer-look-LLM-unlearning``, file ``metrics/metrics.py`` (``compute_token_entropy``,
-``eval_cosine_similarity``, ``get_entailment_results``, ``get_entailment_score``). DESIGN section 6.
+``eval_cosine_similarity``, ``get_entailment_results``, ``get_entailment_score``).
 
 The definitions are theirs; the code is ours. Where we differ (batching, label matching, truncation,
 loading errors) each docstring says so. The embedding and NLI models are loaded by name or by local

@@ -1,4 +1,4 @@
-"""Memorisation and membership-inference metrics as pure functions of tensors (DESIGN section 6).
+"""Memorisation and membership-inference metrics as pure functions of tensors.
 
 Definitions follow open-unlearning (``src/evals/metrics/memorization.py``, ``src/evals/metrics/mia/``,
 ``src/evals/metrics/privacy.py``, ``src/evals/metrics/utils.py``) so tables compare.

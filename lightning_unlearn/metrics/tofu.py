@@ -1,4 +1,4 @@
-"""TOFU's core metrics as pure functions of per-sample NLLs and texts (DESIGN section 6).
+"""TOFU's core metrics as pure functions of per-sample NLLs and texts.
 
 Names and definitions follow open-unlearning so tables compare. Inputs are per-answer mean token
 NLLs (``avgNLL``): a correct answer ``[N]`` and K alternatives ``[N, K]``.
