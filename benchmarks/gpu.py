@@ -863,7 +863,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU strategies")
     parser.add_argument("--json", type=Path, help="also write the full results here")
     parser.add_argument("--budget-s", type=float, help="stop the run after this long (400; smoke 150)")
-    parser.add_argument("--only", nargs="+", help="run only cases whose id contains one of these")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        action="extend",
+        help="run only cases whose id contains one of these (repeatable)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not detected")
     parser.add_argument("--steps", type=int, help="timed steps per case")
     parser.add_argument("--warmup", type=int, help="untimed steps before them")

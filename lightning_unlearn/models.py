@@ -180,6 +180,21 @@ def _drop_gguf_marks(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations.
+
+    Non-reentrant, so it works with frozen inputs (LoRA), FSDP2's hooks and double backward.
+    transformers 5.24 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name warns); earlier releases, 5.17 on a GPU image among them, have only the old name,
+    so both are accepted.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def attach_lora(model: PreTrainedModel, lora: LoraSpec) -> PeftModel:
     """Wrap ``model`` with a trainable LoRA adapter; every base weight is frozen."""
     config = LoraConfig(

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from helpers import build, first_batch, hf_nll, sgd_step
+from transformers import PreTrainedModel
 
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.losses import max_entropy_loss
@@ -200,9 +201,25 @@ def test_simnpo_loss_from_hf_per_sequence_nll(tiny_spec, unlearning_data):
     assert hf_nll(sim.model, forget).item() > before + 1e-3
 
 
-def test_activation_checkpointing_recomputes_layers_and_keeps_the_gradients(tiny_spec, unlearning_data):
+@pytest.mark.parametrize("api", ["activation_checkpointing_enable", "gradient_checkpointing_enable"])
+def test_activation_checkpointing_recomputes_layers_and_keeps_the_gradients(
+    tiny_spec, unlearning_data, monkeypatch, api
+):
     """With checkpointing every decoder layer's body runs twice per step (forward, again in backward)
-    and the LoRA gradients equal the plain step's: recomputation changes memory, not numbers."""
+    and the LoRA gradients equal the plain step's: recomputation changes memory, not numbers. Also
+    under a transformers release that has only the old method name (5.17, the GPU image's, raised
+    AttributeError here before)."""
+    if api == "gradient_checkpointing_enable" and hasattr(
+        PreTrainedModel, api.replace("gradient", "activation")
+    ):
+        # a release with only the old name: its method under the old name and keyword
+        enable = PreTrainedModel.activation_checkpointing_enable
+
+        def old_enable(self, gradient_checkpointing_kwargs=None):
+            enable(self, activation_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+        monkeypatch.setattr(PreTrainedModel, "gradient_checkpointing_enable", old_enable)
+        monkeypatch.delattr(PreTrainedModel, "activation_checkpointing_enable")
     batch = first_batch(unlearning_data)
     grads, calls = {}, {}
     for checkpointing in (False, True):

@@ -40,7 +40,14 @@ from lightning_unlearn.logits import (
     softcap,
 )
 from lightning_unlearn.losses import kl_divergence, label_mask, nll_loss, sequence_logprob
-from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model, load_spec_tokenizer
+from lightning_unlearn.models import (
+    LoraSpec,
+    ModelSpec,
+    attach_lora,
+    enable_activation_checkpointing,
+    load_model,
+    load_spec_tokenizer,
+)
 from lightning_unlearn.sharding import full_state_dict, fully_shard_model, is_sharded, local_shard
 
 REFERENCE_POLICIES = ("adapter_off", "cached", "copy")
@@ -158,8 +165,7 @@ class UnlearningObjective(LightningModule):
             raise UserError(f"{type(self).__name__}: no model given (set model.path or model.config)")
         model = load_model(self.model_spec)
         if self.activation_checkpointing:
-            # Non-reentrant: works with frozen inputs (LoRA), FSDP2's hooks and double backward.
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         if self.uses_reference and self.reference_policy == "copy":
             self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
         if self.adapter_spec is not None:
