@@ -397,6 +397,8 @@ def test_defaults_are_open_unlearnings_and_the_config_builds_them(cls):
     for name, value in OPEN_UNLEARNING_DEFAULTS[cls].items():
         assert getattr(defaults, name) == value, name
     config = yaml.safe_load((CONFIGS / f"{CONFIG_FILES[cls]}.yaml").read_text())
+    # the shared target file, as LightningCLI reads it relative to the config
+    config["model"]["init_args"]["model"] = yaml.safe_load((CONFIGS / "target.yaml").read_text())
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(UnlearningObjective, "model")
     objective = parser.instantiate_classes(parser.parse_object({"model": config["model"]})).model
