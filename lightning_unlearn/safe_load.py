@@ -30,6 +30,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.core.datamodule import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS, TRAIN_DATALOADERS
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -229,8 +230,11 @@ class SafeTrainer(L.Trainer):
         ckpt_path: _PATH | None = None,
         weights_only: bool | None = True,
     ) -> None:
-        """``Trainer.fit``, resuming from ``ckpt_path`` as weights only."""
+        """``Trainer.fit``, resuming from ``ckpt_path`` as weights only. Without one, a
+        ``SequentialForgetting`` callback's preempted request (its ``preempted.ckpt``) resumes."""
         self._guard(weights_only)
+        if ckpt_path is None:
+            ckpt_path = _sequential_resume(self)
         super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only=True)
 
     def validate(
@@ -273,6 +277,17 @@ class SafeTrainer(L.Trainer):
         return super().predict(
             model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only=True
         )
+
+
+def _sequential_resume(trainer: L.Trainer) -> str | None:
+    """The checkpoint of the request a ``SequentialForgetting`` run was preempted in, if any."""
+    from lightning_unlearn.callbacks.sequential import SequentialForgetting
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, SequentialForgetting) and callback.resume_checkpoint() is not None:
+            rank_zero_info(f"resuming the preempted request from {callback.checkpoint_path}")
+            return str(callback.checkpoint_path)
+    return None
 
 
 class SafeCheckpointCLI(LightningCLI):
