@@ -179,6 +179,28 @@ def weights_only_everywhere() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
+@contextlib.contextmanager
+def trainable_only_sharded_load() -> Iterator[None]:
+    """Let Lightning's sharded (FSDP2 distributed) checkpoint load skip the keys the checkpoint
+    does not hold. Our objectives save their trainable tensors only (``on_save_checkpoint``) and
+    load non-strictly, but Lightning 2.6 asks torch.distributed.checkpoint for every key of the
+    model, frozen base included, and fails; with a partial load the frozen weights keep the values
+    the model was built with, which is what a file checkpoint's non-strict load does."""
+    import lightning.fabric.strategies.model_parallel as model_parallel
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint import load as dcp_load
+
+    def partial_load(state: dict[str, Any], path: Path) -> None:
+        dcp_load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+
+    original = model_parallel._distributed_checkpoint_load
+    model_parallel._distributed_checkpoint_load = partial_load
+    try:
+        yield
+    finally:
+        model_parallel._distributed_checkpoint_load = original
+
+
 class SafeTrainer(L.Trainer):
     """A Lightning Trainer that loads checkpoints (``ckpt_path``) as weights only.
 
@@ -210,7 +232,7 @@ class SafeTrainer(L.Trainer):
         def load_checkpoint(checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
             check_checkpoint(checkpoint_path)
             try:
-                with weights_only_everywhere():
+                with weights_only_everywhere(), trainable_only_sharded_load():
                     return load(checkpoint_path, weights_only=True)
             except pickle.UnpicklingError as err:
                 raise UserError(refusal(str(checkpoint_path), err)) from None
