@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,17 +176,17 @@ class PreemptionSignals(_SignalConnector):
 
 
 class Preemption(Callback):
-    """Stops fit at the first optimiser step after a preemption signal reached any rank, with
+    """Stops fit at the first optimiser step after a preemption signal reached any rank (the
+    last step of an epoch: after that epoch's end), with
     Lightning's checkpoint of that step written to ``checkpoint_path`` (set by the command that
     builds the Trainer; ``<default_root_dir>/preempted.ckpt`` otherwise). ``extra``: what the
     rerun command needs appended to find it (nothing when the command resumes by itself). With
-    ``SequentialForgetting`` nothing more is saved: its ledger already holds every finished
-    request, and the interrupted request restarts from its start."""
+    ``SequentialForgetting`` the checkpoint goes to its ``dirpath`` (its ledger holds the finished
+    requests) and ``SafeTrainer.fit`` resumes the interrupted request from it by itself."""
 
     def __init__(self, checkpoint_path: str | Path | None = None, extra: Sequence[str] = ()) -> None:
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.extra = list(extra)
-        self.ledger: Path | None = None
         self._deferring = False
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -198,9 +199,8 @@ class Preemption(Callback):
         from lightning_unlearn.callbacks.sequential import SequentialForgetting
 
         sequential = next((c for c in trainer.callbacks if isinstance(c, SequentialForgetting)), None)
-        if sequential is not None:  # it resumes from its ledger, request by request, not from a checkpoint
-            self.checkpoint_path, self.extra = None, []
-            self.ledger = sequential.dirpath / "ledger.jsonl"
+        if sequential is not None:  # its run directory holds the step; the same fit resumes from it
+            self.checkpoint_path, self.extra = sequential.checkpoint_path, []
         if getattr(pl_module, "saves_mid_epoch", True):
             launcher = trainer.strategy.launcher
             if trainer.is_global_zero and launcher is not None and hasattr(launcher, "kill"):
@@ -215,13 +215,26 @@ class Preemption(Callback):
         loop = trainer.fit_loop.epoch_loop
         if loop._should_accumulate():  # gradients of a partial accumulation are in no checkpoint
             return
+        if loop.batch_progress.is_last_batch or loop._num_ready_batches_reached():
+            # Lightning resumes a checkpoint of an epoch's last batch without running that epoch's
+            # end (validation, on_train_epoch_end: a sequential request's save and fusion), so the
+            # stop waits for the end of the epoch.
+            return
+        self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After the epoch-end work of the callbacks before this one (evaluation, a sequential
+        # request's save and fusion); the rerun starts the next epoch. After the last epoch there
+        # is nothing left to train: the fit finishes.
+        if self._deferring and trainer.current_epoch + 1 < trainer.fit_loop.max_epochs:
+            self._stop(trainer)
+
+    def _stop(self, trainer: Trainer) -> None:
+        """If any rank was signalled: save this step (every rank) and raise ``Preempted``."""
         if not trainer.strategy.reduce_boolean_decision(_received is not None, all=False):
             return
-        if self.ledger is not None:
-            path = self.ledger  # the finished requests; the current one restarts from its start
-        else:
-            path = self.checkpoint_path or Path(trainer.default_root_dir) / "preempted.ckpt"
-            trainer.save_checkpoint(path)
+        path = self.checkpoint_path or Path(trainer.default_root_dir) / "preempted.ckpt"
+        _save_atomically(trainer, path)
         environment = trainer._accelerator_connector.cluster_environment
         requeue = not isinstance(environment, SLURMEnvironment) or environment.auto_requeue
         raise Preempted(_received or signal.SIGTERM, str(path), self.extra, trainer.is_global_zero, requeue)
@@ -234,6 +247,29 @@ class Preemption(Callback):
         launcher = trainer.strategy.launcher
         if launcher is not None and getattr(launcher, "kill", None) in _forwarders:
             _forwarders.remove(launcher.kill)
+
+
+def _save_atomically(trainer: Trainer, path: Path) -> None:
+    """``trainer.save_checkpoint`` to a temporary name beside ``path``, then renamed by rank 0: a
+    SIGKILL after the grace period, in the middle of the write, leaves the previous checkpoint (or
+    none), never a truncated one. A sharded checkpoint (a directory) is renamed the same way."""
+    temporary = path.with_name(f".{path.name}.partial")
+    if trainer.is_global_zero:  # a leftover of a save that was itself killed
+        _remove(temporary)
+    trainer.strategy.barrier("preemption checkpoint")
+    trainer.save_checkpoint(temporary)  # every rank writes its part; ends with a barrier
+    if trainer.is_global_zero:
+        if path.is_dir() or temporary.is_dir():
+            _remove(path)  # a directory is not replaced by a rename, nor a file by a directory
+        os.replace(temporary, path)
+    trainer.strategy.barrier("preemption checkpoint")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def install(trainer: Trainer) -> None:

@@ -143,7 +143,7 @@ class UnlearnCLI(SafeCheckpointCLI):
         if self.resume_dir is None or settings.get("ckpt_path") is not None:
             return
         last = self.resume_dir / f"{RESUME_FILE}.ckpt"
-        if last.is_file():
+        if last.exists():  # a file, or a directory (a sharded checkpoint)
             rank_zero_info(f"resuming from {last} (the same config ran before; delete it to start over)")
             settings["ckpt_path"] = str(last)
 

@@ -30,6 +30,7 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.core.datamodule import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS, TRAIN_DATALOADERS
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -178,6 +179,28 @@ def weights_only_everywhere() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
+@contextlib.contextmanager
+def trainable_only_sharded_load() -> Iterator[None]:
+    """Let Lightning's sharded (FSDP2 distributed) checkpoint load skip the keys the checkpoint
+    does not hold. Our objectives save their trainable tensors only (``on_save_checkpoint``) and
+    load non-strictly, but Lightning 2.6 asks torch.distributed.checkpoint for every key of the
+    model, frozen base included, and fails; with a partial load the frozen weights keep the values
+    the model was built with, which is what a file checkpoint's non-strict load does."""
+    import lightning.fabric.strategies.model_parallel as model_parallel
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint import load as dcp_load
+
+    def partial_load(state: dict[str, Any], path: Path) -> None:
+        dcp_load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+
+    original = model_parallel._distributed_checkpoint_load
+    model_parallel._distributed_checkpoint_load = partial_load
+    try:
+        yield
+    finally:
+        model_parallel._distributed_checkpoint_load = original
+
+
 class SafeTrainer(L.Trainer):
     """A Lightning Trainer that loads checkpoints (``ckpt_path``) as weights only.
 
@@ -209,7 +232,7 @@ class SafeTrainer(L.Trainer):
         def load_checkpoint(checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
             check_checkpoint(checkpoint_path)
             try:
-                with weights_only_everywhere():
+                with weights_only_everywhere(), trainable_only_sharded_load():
                     return load(checkpoint_path, weights_only=True)
             except pickle.UnpicklingError as err:
                 raise UserError(refusal(str(checkpoint_path), err)) from None
@@ -229,8 +252,11 @@ class SafeTrainer(L.Trainer):
         ckpt_path: _PATH | None = None,
         weights_only: bool | None = True,
     ) -> None:
-        """``Trainer.fit``, resuming from ``ckpt_path`` as weights only."""
+        """``Trainer.fit``, resuming from ``ckpt_path`` as weights only. Without one, a
+        ``SequentialForgetting`` callback's preempted request (its ``preempted.ckpt``) resumes."""
         self._guard(weights_only)
+        if ckpt_path is None:
+            ckpt_path = _sequential_resume(self)
         super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only=True)
 
     def validate(
@@ -273,6 +299,17 @@ class SafeTrainer(L.Trainer):
         return super().predict(
             model, dataloaders, datamodule, return_predictions, ckpt_path, weights_only=True
         )
+
+
+def _sequential_resume(trainer: L.Trainer) -> str | None:
+    """The checkpoint of the request a ``SequentialForgetting`` run was preempted in, if any."""
+    from lightning_unlearn.callbacks.sequential import SequentialForgetting
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, SequentialForgetting) and callback.resume_checkpoint() is not None:
+            rank_zero_info(f"resuming the preempted request from {callback.checkpoint_path}")
+            return str(callback.checkpoint_path)
+    return None
 
 
 class SafeCheckpointCLI(LightningCLI):

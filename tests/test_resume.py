@@ -1,10 +1,12 @@
-"""Kill and resume: a long command killed with SIGKILL at any moment and rerun with the same
-command ends with what an uninterrupted run writes, bit for bit, and nothing half-written."""
+"""Kill and resume: a long command killed with SIGKILL (or, for the influence step and evaluate,
+preempted with SIGTERM) at any moment and rerun with the same command ends with what an
+uninterrupted run writes, bit for bit, and nothing half-written."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -222,12 +224,37 @@ def test_protocol_is_deterministic_and_resumes_after_a_kill(tmp_path):
     assert _outputs(tmp_path / "killed" / "runs" / "mini") == runs["killed"]
 
 
-def test_influence_and_evaluate_killed_then_rerun_write_the_uninterrupted_outputs(
+def _preempt_when(command: list[str], cwd: Path, ready, **env: str) -> str:
+    """Start ``command``, send it SIGTERM as soon as ``ready(log)`` holds (``log``: its stderr so
+    far); check it exits 143 with the one line saying nothing needed saving; return the command
+    that line says to rerun."""
+    log = cwd / "preempted.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=_env(**env), stderr=stderr, stdout=subprocess.DEVNULL
+        )
+        deadline = time.time() + 240
+        while not ready(log.read_text()):
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, "the run never got there"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 143, log.read_text()[-3000:]
+    lines = [line for line in log.read_text().splitlines() if line.startswith("lightning-unlearn: preempted")]
+    assert lines == [
+        f"lightning-unlearn: preempted by SIGTERM; nothing to save; rerun: cd {shlex.quote(str(cwd))} && "
+        f"{shlex.join(command)}"
+    ]
+    return lines[0].split("rerun: ", 1)[1]
+
+
+def test_influence_and_evaluate_preempted_then_rerun_write_the_uninterrupted_outputs(
     tmp_path, world_dir, tokenizer_dir
 ):
     """The influence step (one solve) and evaluate write nothing until they finish, atomically:
-    killed after the solve but before the export, or in the middle of scoring, the same command
-    again writes exactly what an uninterrupted run does."""
+    sent SIGTERM after the solve but before the export, or in the middle of scoring, each exits
+    143 at once with the one line, leaves no adapter or report directory, and the rerun it names
+    writes exactly what an uninterrupted run does."""
     from lightning_unlearn.data.tofu import load_split
     from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_model
 
@@ -248,7 +275,7 @@ def test_influence_and_evaluate_killed_then_rerun_write_the_uninterrupted_output
     (source / "removed.json").write_text("".join(json.dumps(r) + "\n" for r in forget[:2]))
 
     outputs = {}
-    for name in ("whole", "killed"):
+    for name in ("whole", "preempted"):
         work = tmp_path / name
         work.mkdir()
         config = {
@@ -269,26 +296,22 @@ def test_influence_and_evaluate_killed_then_rerun_write_the_uninterrupted_output
                     "--adapter", "edited", "--tokenizer", tokenizer_dir,
                     "--source", str(world_dir), "--splits", '{"forget": "forget10_perturbed"}',
                     "--max_new_tokens", "8", "--max_length", "64", "--batch_size", "2", "--out_dir", "report"]  # fmt: skip
-        if name == "killed":
+        if name == "preempted":
+            # After the solve, in the test's pause before the export (on_train_end).
             marker = work / "solved"
-            _kill_when(fit, work, marker.exists, LU_PAUSE_AT_STEP="0", LU_PAUSE_MARKER=str(marker))
-            assert not (work / "edited").exists()
-            _run(fit, work)
-            log = work / "evaluate.log"
-            with log.open("w") as stderr:  # killed once scoring has begun
-                process = subprocess.Popen(evaluate, cwd=work, env=_env(), stderr=stderr)
-                while "forget" not in log.read_text():
-                    assert process.poll() is None, log.read_text()[-3000:]
-                    time.sleep(0.02)
-                process.send_signal(signal.SIGKILL)
-                assert process.wait() == -signal.SIGKILL
-            assert not (work / "report").exists()
+            pause = {"LU_PAUSE_AT_STEP": "0", "LU_PAUSE_MARKER": str(marker)}
+            rerun = _preempt_when(fit, work, lambda log, marker=marker: marker.exists(), **pause)
+            assert not (work / "edited").exists() and not list(work.glob(".*"))
+            _run(["sh", "-c", rerun], work)
+            rerun = _preempt_when(evaluate, work, lambda log: "forget" in log)  # scoring has begun
+            assert not (work / "report").exists() and not list(work.glob(".*"))
+            _run(["sh", "-c", rerun], work)
         else:
             _run(fit, work)
-        _run(evaluate, work)
+            _run(evaluate, work)
         outputs[name] = {
             "adapter": (work / "edited" / "adapter_model.safetensors").read_bytes(),
             "report": json.loads((work / "report" / "report.json").read_text()),
         }
-    assert outputs["killed"] == outputs["whole"]
+    assert outputs["preempted"] == outputs["whole"]
     assert outputs["whole"]["report"]["metrics"]["forget_Q_A_Prob"] > 0

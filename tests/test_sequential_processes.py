@@ -1,11 +1,13 @@
 """SequentialForgetting as real commands (``lightning-unlearn fit --config``) in subprocesses: a run
-killed with SIGKILL in the middle of a request and rerun with the same command ends with the same
-fused adapter as an uninterrupted run, and a 2-process ``ddp`` run equals the 1-process run."""
+preempted (SIGTERM) and one killed (SIGKILL) in the middle of a request, each rerun with the same
+command, end with the same fused adapter as an uninterrupted run, and a 2-process ``ddp`` run
+equals the 1-process run."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import torch
 import yaml
 from conftest import TINY_LLAMA
 from helpers import forget10_data
+from test_preemption import preempted_line, signal_at
 
 from lightning_unlearn.adapters import load_factors
 from lightning_unlearn.data.tofu import load_split
@@ -24,12 +27,17 @@ from lightning_unlearn.data.tofu import load_split
 TESTS = Path(__file__).resolve().parent
 
 
+SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}}
+ADAMW = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}}
+
+
 def _config(
-    tmp_path: Path, world_dir: Path, tokenizer_dir: str, name: str, batch_size: int, width: dict | None = None
-) -> Path:
-    """Three requests of four forget records, GradDiff + LoRA, SGD; one batch per epoch at
-    batch_size 4 (or 2 per rank on 2 ranks), so 1 and 2 processes see the same global batches.
-    ``width`` overrides the tiny model's sizes."""
+    tmp_path: Path, world_dir: Path, tokenizer_dir: str, name: str, batch_size: int, width: dict | None = None,
+    optimizer: dict = SGD,
+) -> Path:  # fmt: skip
+    """Three requests of four forget records, 3 epochs each, GradDiff + LoRA, SGD; one batch per
+    epoch at batch_size 4 (or 2 per rank on 2 ranks), so 1 and 2 processes see the same global
+    batches. ``width`` overrides the tiny model's sizes."""
     ids = [str(r["id"]) for r in load_split(str(world_dir), "forget10")][:12]
     requests = [{"name": f"r{k}", "ids": ids[4 * k : 4 * k + 4]} for k in range(3)]
     config = {
@@ -51,6 +59,7 @@ def _config(
                     },
                 },
                 {"class_path": "helpers.PauseAt"},
+                {"class_path": "helpers.WaitForSignal"},
             ],
         },
         "model": {
@@ -58,7 +67,7 @@ def _config(
             "init_args": {
                 "model": {"config": {**TINY_LLAMA, **(width or {})}, "tokenizer": tokenizer_dir},
                 "adapter": {"r": 4, "alpha": 8},
-                "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
+                "optimizer": optimizer,
             },
         },
         "data": forget10_data(world_dir, tokenizer_dir, batch_size),
@@ -73,7 +82,7 @@ def _command(config: Path, *extra: str) -> list[str]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LU_PAUSE")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LU_PAUSE", "LU_SIGNAL"))}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     env["WANDB_MODE"] = "disabled"
     return {**env, **extra}
@@ -92,38 +101,66 @@ def _ledger(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "ledger.jsonl").read_text().splitlines()]
 
 
-def test_killed_mid_request_resumes_to_the_uninterrupted_result(tmp_path, world_dir, tokenizer_dir):
-    whole = _config(tmp_path, world_dir, tokenizer_dir, "whole", batch_size=4)
+def test_preempted_and_killed_mid_request_resume_to_the_uninterrupted_result(
+    tmp_path, world_dir, tokenizer_dir
+):
+    """AdamW (moments a resume must restore), 2 batches an epoch: each request is 6 steps over 3
+    epochs. SIGTERM mid-epoch in request r1 saves that step (adapter, optimiser, loader position,
+    the callback's request and epoch numbering) and the rerun continues it there; SIGKILL in r2 of
+    that rerun loses r2's steps and the next rerun trains r2 again from its start. The fused
+    adapter equals the uninterrupted run's."""
+    whole = _config(tmp_path, world_dir, tokenizer_dir, "whole", batch_size=2, optimizer=ADAMW)
     _run(_command(whole), tmp_path)
 
-    # Request r1 trains at global steps 3..5: pause after step 4 and kill the process from outside.
-    killed = _config(tmp_path, world_dir, tokenizer_dir, "killed", batch_size=4)
-    marker = tmp_path / "paused"
-    env = _env(LU_PAUSE_AT_STEP="4", LU_PAUSE_MARKER=str(marker))
-    process = subprocess.Popen(_command(killed), cwd=tmp_path, env=env, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while not marker.exists():
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.time() < deadline, "the run never reached the pause"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    ledger = _ledger(tmp_path / "killed")
+    killed = _config(tmp_path, world_dir, tokenizer_dir, "killed", batch_size=2, optimizer=ADAMW)
+    run_dir = tmp_path / "killed"
+    # r0 trains steps 1..6, r1 7..12 (epochs 3, 4, 5): step 9 is the first batch of epoch 4.
+    done = signal_at(_command(killed), tmp_path, 9)
+    assert done.returncode == 143, done.stderr[-3000:]
+    checkpoint = run_dir / "preempted.ckpt"
+    assert preempted_line(done.stderr).startswith(
+        f"lightning-unlearn: preempted by SIGTERM; state saved to {checkpoint}; rerun: cd "
+    )
+    assert preempted_line(done.stderr).endswith(shlex.join(_command(killed)))
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["global_step"] == 9 and saved["epoch"] == 4
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == 1
+    state = saved["callbacks"]["SequentialForgetting"]
+    assert (state["request"], state["base"]) == (1, 0)
+    assert any(s["exp_avg"].abs().max() > 0 for s in saved["optimizer_states"][0]["state"].values())
+    ledger = _ledger(run_dir)
     assert [(e["name"], e["status"]) for e in ledger] == [("r0", "done"), ("r1", "running")]
     (tmp_path / "killed_r0.json").write_text(
         json.dumps({k: ledger[0][k] for k in ("ids", "sha256", "start", "end", "metrics")})
     )
-    assert not (tmp_path / "killed" / "requests" / "1").exists()
-    assert not list((tmp_path / "killed").glob(".*")), "a temporary file or directory was left behind"
+    assert not (run_dir / "requests" / "1").exists()
 
-    _run(_command(killed), tmp_path)  # the same command again
-    ledger = _ledger(tmp_path / "killed")
+    # The same command resumes r1 at step 10 and finishes it (its checkpoint deleted); killed in r2.
+    marker = tmp_path / "paused"
+    env = _env(LU_PAUSE_AT_STEP="15", LU_PAUSE_MARKER=str(marker))
+    with (tmp_path / "resumed.log").open("w+") as log:
+        process = subprocess.Popen(_command(killed), cwd=tmp_path, env=env, stderr=log, stdout=log)
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert process.poll() is None, (tmp_path / "resumed.log").read_text()[-3000:]
+            assert time.time() < deadline, "the run never reached the pause"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+    assert f"resuming the preempted request from {checkpoint}" in (tmp_path / "resumed.log").read_text()
+    ledger = _ledger(run_dir)
+    assert [(e["name"], e["status"]) for e in ledger] == [("r0", "done"), ("r1", "done"), ("r2", "running")]
+    assert not checkpoint.exists() and not (run_dir / "requests" / "2").exists()
+    assert not list(run_dir.glob(".*")), "a temporary file or directory was left behind"
+
+    _run(_command(killed), tmp_path)  # the same command again: r2 from its start
+    ledger = _ledger(run_dir)
     assert [(e["name"], e["status"]) for e in ledger] == [("r0", "done"), ("r1", "done"), ("r2", "done")]
     kept = ("ids", "sha256", "start", "end", "metrics")
     first = json.loads((tmp_path / "killed_r0.json").read_text())
     assert {k: ledger[0][k] for k in kept} == first  # request r0's line kept as it was
 
-    want, got = _fused(tmp_path / "whole"), _fused(tmp_path / "killed")
+    want, got = _fused(tmp_path / "whole"), _fused(run_dir)
     assert want.keys() == got.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)

@@ -20,6 +20,14 @@ see ``adapters.save_grams``; ``request.json``), ``fused/`` (peft adapter, ``fusi
 ``ledger.jsonl`` (one line per request). Run directories written before Grams were factored (one
 dense Gram per module) still load and resume. Every write is atomic. Rerunning the same command after a crash skips the requests
 the ledger marks done (their records must hash the same) and continues with the next.
+
+A preemption signal (``preemption``) stops the request at the end of an optimiser step with
+Lightning's checkpoint of that step written to ``preempted.ckpt`` in ``dirpath`` (adapter slot,
+optimiser, schedule, loop counters, the loader's position in the epoch, and this callback's state:
+the current request and where this fit's epoch numbering began). The rerun (``SafeTrainer.fit``
+without a ``ckpt_path``) resumes from it inside the request, so the fused adapter equals an
+uninterrupted run's; it is deleted when that request is done. Nothing accumulates while a request
+trains (its Grams are recorded by a separate pass at its end), so nothing else needs saving.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
+import shutil
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -58,6 +68,7 @@ from lightning_unlearn.report import Report
 from lightning_unlearn.sharding import full_state_dict, set_full_
 
 MODES = ("independent", "stacked")
+PREEMPTED = "preempted.ckpt"  # in dirpath: a preempted request's step (a file, or a sharded directory)
 
 
 @dataclass
@@ -245,6 +256,28 @@ class SequentialForgetting(Callback):
         )
         self.ledger: list[dict] = []
         self.pending: list[int] = []
+        self.base = 0  # the request at this fit's epoch 0: request k trains epochs (k - base) * E ...
+        self.resumed: dict | None = None  # this callback's state in the preempted checkpoint resumed from
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """Where a preempted request saves its step (``Preemption``) and the rerun resumes from."""
+        return self.dirpath / PREEMPTED
+
+    def resume_checkpoint(self) -> Path | None:
+        """The preempted request's checkpoint, if there is one (``SafeTrainer.fit`` resumes from it)."""
+        return self.checkpoint_path if self.checkpoint_path.exists() else None
+
+    def state_dict(self) -> dict:
+        if getattr(self, "current", None) is None:
+            return {}
+        return {
+            "request": self.current,
+            "sha256": records_hash(self.records[self.current]),
+            "base": self.base,
+            "started": self.started,
+            "train_seconds": time.perf_counter() - self.started_perf,
+        }
 
     # -- schedule and resume -------------------------------------------------------------------
     def _records(self, datamodule, request: ForgetRequest) -> list[dict]:
@@ -279,13 +312,42 @@ class SequentialForgetting(Callback):
                 )
         self.ledger, self.writer = done, trainer.is_global_zero
         self.pending = list(range(len(done), len(self.requests)))
+        self.current, self.base = None, len(done)
+        self.resumed = self._preempted_state(len(done))
+        if self.resumed is not None:  # the epoch numbering of the fit that was preempted goes on
+            self.base = self.resumed["base"]
         self.evaluation = next((c for c in trainer.callbacks if isinstance(c, UnlearningEvaluation)), None)
         if self.evaluation is not None:
             self.evaluation.periodic = False  # we evaluate the fused model after each request instead
-        trainer.fit_loop.max_epochs = len(self.pending) * self.epochs_per_request
+        # Set before the optimiser set-up: a schedule sized by the stepping batches must come out as
+        # the preempted fit's did.
+        trainer.fit_loop.max_epochs = (len(self.requests) - self.base) * self.epochs_per_request
         trainer.reload_dataloaders_every_n_epochs = 1  # each request brings its own forget set
         if self.pending:  # the data first: the optimiser set-up sizes itself from it
             trainer.datamodule.set_forget(self.records[self.pending[0]])
+
+    def _preempted_state(self, k: int) -> dict | None:
+        """This callback's state in the preempted checkpoint, checked to be of request ``k`` (the
+        first not done) with the same records; None without one. Read before Lightning restores it,
+        because the epoch count it holds sizes the fit."""
+        path = self.resume_checkpoint()
+        if path is None:
+            return None
+        file = path / "meta.pt" if path.is_dir() else path  # a sharded checkpoint keeps it in meta.pt
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:  # cut short, not ours
+            raise UserError(
+                f"{path}: unreadable ({type(err).__name__}); delete it to restart the request"
+            ) from None
+        state = state.get("callbacks", {}).get(self.state_key) or {}
+        same = k < len(self.requests) and state.get("sha256") == records_hash(self.records[k])
+        if state.get("request") != k or not same:
+            raise UserError(
+                f"{path}: saved in request {state.get('request')}, but the ledger's next request is {k} "
+                "(or its records changed); delete it to restart that request"
+            )
+        return state
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The model exists now (configure_model ran); the objective's own on_fit_start comes next.
@@ -298,10 +360,23 @@ class SequentialForgetting(Callback):
             fusion = self.dirpath / "fused" / "fusion.json"
             if not fusion.is_file() or json.loads(fusion.read_text()).get("requests") != len(self.ledger):
                 self._fuse(upto=len(self.ledger) - 1)
-        if self.pending:
+        if self.pending and self.resumed is not None:
+            self._resume(trainer, self.pending[0])
+        elif self.pending:
             if self.mode == "stacked" and self.ledger:
                 self._load_slot(pl_module, self.dirpath / "requests" / str(len(self.ledger) - 1))
             self._start(trainer, pl_module, self.pending[0], first_epoch=0)
+
+    def _resume(self, trainer: Trainer, k: int) -> None:
+        """Continue request k from the preempted checkpoint: Lightning restores the adapter slot,
+        optimiser, schedule, loop counters, loader position and the objective's reference cache;
+        here only what points the data at the request (its epochs started at ``first``)."""
+        first = (k - self.base) * self.epochs_per_request
+        trainer.datamodule.set_forget(self.records[k])
+        trainer.datamodule.epoch_offset = first
+        self.current, self.started = k, self.resumed["started"]
+        self.started_perf = time.perf_counter() - self.resumed["train_seconds"]
+        self._write_ledger(extra={"index": k, "name": self.requests[k].name, "status": "running"})
 
     def _start(self, trainer: Trainer, pl_module: LightningModule, k: int, first_epoch: int) -> None:
         """Point the data at request k, seed it, and (independent) re-initialise the adapter slot."""
@@ -364,6 +439,8 @@ class SequentialForgetting(Callback):
             "metrics": metrics,
             "seconds": {name: round(value, 3) for name, value in seconds.items()},
         }
+        if trainer.is_global_zero:  # the request is done: its preempted step is stale from here on
+            self._remove_preempted()
         self.ledger.append(entry)
         self._write_ledger()
         trainer.strategy.barrier()
@@ -435,6 +512,12 @@ class SequentialForgetting(Callback):
             info.update(fused_rank=self.fused_rank, svd_relative_error=errors)
         save_factors(self.dirpath / "fused", factors, config, info)
         return factors
+
+    def _remove_preempted(self) -> None:
+        path = self.checkpoint_path
+        if path.is_dir():
+            shutil.rmtree(path)
+        path.unlink(missing_ok=True)
 
     def _load_slot(self, pl_module: LightningModule, directory: Path) -> None:
         """Stacked resume: the adapter slot takes the last completed request's weights (peft's file

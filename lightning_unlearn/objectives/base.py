@@ -313,8 +313,10 @@ class UnlearningObjective(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.reference_cache = dict(checkpoint.get("reference_cache", {}))
+        if "state_dict" not in checkpoint:  # a sharded checkpoint: the strategy loaded the weights itself
+            return
         trainable = {name for name, _ in self._trainable()}
-        missing = sorted(trainable - set(checkpoint.get("state_dict", {})))
+        missing = sorted(trainable - set(checkpoint["state_dict"]))
         if missing:
             raise UserError(
                 f"the checkpoint does not hold this objective's trainable weights ({len(missing)} missing, "
