@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -110,3 +112,57 @@ def split_for_relearning(records: list[dict], fraction: float = 0.5) -> tuple[li
     if len(records) < 2:
         raise UserError("relearning needs at least 2 forget records: some to train on, some to measure")
     return records[:cut], records[cut:]
+
+
+ATTACKS = {"quant8": (8, None), "quant4": (4, 64), "relearn": None}  # name -> (bits, group) or None
+ATTACK_METRICS = ("forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio", "forget_quality")
+
+
+@dataclass
+class RelearnSettings:
+    """The relearning attack: ``steps`` AdamW steps at ``lr`` on the first ``fraction`` of the
+    forget records, measured on the rest."""
+
+    steps: int = 10
+    lr: float = 1e-5
+    batch_size: int = 4
+    fraction: float = 0.5
+
+
+def attack_metrics(
+    model: nn.Module,
+    attacks: list[str],
+    forget: list[dict],
+    evaluate: Callable[[nn.Module, list[dict], list[float] | None], dict[str, float]],
+    retain_truth_ratios: list[float] | None,
+    tokenizer,
+    prompt_format: PromptFormat,
+    max_length: int,
+    relearn: RelearnSettings | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The forget metrics of each attacked copy, as report columns ``<attack>_<metric>``.
+
+    ``evaluate(model, forget_records, retain_truth_ratios)`` returns the metrics of one evaluation
+    of the forget role (the caller's Evaluator settings). Quantization is measured on every forget
+    record; relearning on the records it did not train on, against the retain model's truth ratios
+    of those same records (so forget_quality stays a like-for-like KS test)."""
+    unknown = sorted(set(attacks) - set(ATTACKS))
+    if unknown:
+        raise UserError(f"unknown attack(s) {unknown}: choose from {', '.join(ATTACKS)}")
+    columns: dict[str, float] = {}
+    for name in attacks:
+        if name == "relearn":
+            settings = relearn or RelearnSettings()
+            train, held_out = split_for_relearning(forget, settings.fraction)
+            attacked = relearned_copy(
+                model, train, tokenizer, prompt_format, settings.steps, settings.lr,
+                settings.batch_size, max_length, seed,
+            )  # fmt: skip
+            reference = None if retain_truth_ratios is None else retain_truth_ratios[len(train) :]
+            metrics = evaluate(attacked, held_out, reference)
+        else:
+            bits, group = ATTACKS[name]
+            metrics = evaluate(quantized_copy(model, bits, group), forget, retain_truth_ratios)
+        columns.update({f"{name}_{k}": metrics[k] for k in ATTACK_METRICS if k in metrics})
+    return columns
