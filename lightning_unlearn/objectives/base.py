@@ -313,6 +313,8 @@ class UnlearningObjective(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.reference_cache = dict(checkpoint.get("reference_cache", {}))
+        if "state_dict" not in checkpoint:  # a distributed checkpoint: the strategy loaded the shards
+            return
         trainable = {name for name, _ in self._trainable()}
         missing = sorted(trainable - set(checkpoint.get("state_dict", {})))
         if missing:
