@@ -182,5 +182,8 @@ def _run(argv: list[str]) -> None:
         user_error = find_user_error(err)
         if user_error is None:
             raise
-        print(f"lightning-unlearn: error: {user_error}", file=sys.stderr)
+        from lightning_unlearn.processes import rank
+
+        if rank() == 0:  # every rank of a launched run stops on the same error: say it once
+            print(f"lightning-unlearn: error: {user_error}", file=sys.stderr)
         sys.exit(2)

@@ -76,12 +76,27 @@ def set_command(argv: Sequence[str]) -> None:
 
 def rerun_command(extra: Sequence[str] = ()) -> str:
     """The exact command that continues this one: the same program and arguments (plus ``extra``)
-    from the same directory."""
+    from the same directory; under torchrun, torchrun's own command (it starts every rank)."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
     program = [sys.executable, "-m", spec.name.removesuffix(".__main__")] if spec else [sys.argv[0]]
     argv = _command if _command is not None else sys.argv[1:]
-    return f"cd {shlex.quote(os.getcwd())} && {shlex.join([*program, *argv, *extra])}"
+    launcher = _torchrun_command()
+    command = [*launcher, *extra] if launcher else [*program, *argv, *extra]  # extra: after the script's
+    return f"cd {shlex.quote(os.getcwd())} && {shlex.join(command)}"
+
+
+def _torchrun_command() -> list[str] | None:
+    """The command line of the torchrun agent that started this process (its parent), which a
+    rerun must repeat to start every rank again; None when torchrun did not start it (or the
+    parent's command line cannot be read: not Linux)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode() for part in raw.split(b"\0") if part] or None
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger
 
+from lightning_unlearn import processes
 from lightning_unlearn.callbacks import ForgetRequest, SequentialForgetting, UnlearningEvaluation
 from lightning_unlearn.callbacks.sequential import request_metrics
 from lightning_unlearn.data.datamodule import FineTuneDataModule, UnlearningDataModule, check_at_least
@@ -204,7 +205,7 @@ class Protocol:
         """Resolve the source to a directory of split files (generating the synthetic world)."""
         d = self.data
         if d.source == "synthetic":
-            world = make_world(self.run_dir / "world", d.world)
+            world = processes.rank_zero(lambda: make_world(self.run_dir / "world", d.world))
             if self.base.config is not None and self.base.tokenizer is None:
                 self.base = dataclasses.replace(self.base, tokenizer=str(world / "tokenizer"))
             source = world
@@ -219,9 +220,13 @@ class Protocol:
         retain = [r for r in retain if r["question"] not in forget_questions]
         # The protocol's own split files: what each model trains on, written once.
         self.splits_dir = self.run_dir / "splits"
-        with atomic_directory(self.splits_dir) as tmp:
-            for split, records in {"full": retain + forget, "retain": retain, "forget": forget}.items():
-                write_text_atomic(tmp / f"{split}.json", "".join(json.dumps(r) + "\n" for r in records))
+
+        def write_splits() -> None:
+            with atomic_directory(self.splits_dir) as tmp:
+                for split, records in {"full": retain + forget, "retain": retain, "forget": forget}.items():
+                    write_text_atomic(tmp / f"{split}.json", "".join(json.dumps(r) + "\n" for r in records))
+
+        processes.rank_zero(write_splits)
         trained = {r["question"] for r in retain} | forget_questions
         self.eval_splits = {}
         for role, split in d.eval_splits.items():
@@ -255,6 +260,7 @@ class Protocol:
             "limit_val_batches": 0,  # the protocol evaluates with the Evaluator instead
             **self.trainer_args,
             **stage.trainer,
+            **processes.trainer_layout({**self.trainer_args, **stage.trainer}, f"stage '{stage_name}'"),
         }
         if isinstance(args.get("strategy"), dict):
             args["strategy"] = _instantiate(args["strategy"], "trainer.strategy")
@@ -284,9 +290,9 @@ class Protocol:
         (``_export_fused``), not the live adapter slot."""
         directory = self.run_dir / "models" / stage_name
         if directory.is_dir():  # written atomically: a resumed run keeps it
-            print(f"[{self.name}] {stage_name}: done before, kept", flush=True)
+            processes.say(f"[{self.name}] {stage_name}: done before, kept")
             return directory
-        print(f"[{self.name}] {stage_name}: training {type(stage.objective).__name__}", flush=True)
+        processes.say(f"[{self.name}] {stage_name}: training {type(stage.objective).__name__}")
         L.seed_everything(self.seed, verbose=False)
         objective = copy.deepcopy(stage.objective)  # a stage may run twice (target and retain)
         objective.model_spec = model
@@ -296,12 +302,16 @@ class Protocol:
         preemption_callback(trainer).checkpoint_path = preempted
         resume = str(preempted) if preempted.exists() else None
         if resume:
-            print(f"[{self.name}] {stage_name}: resuming from {preempted}", flush=True)
+            processes.say(f"[{self.name}] {stage_name}: resuming from {preempted}")
         trainer.fit(objective, datamodule=datamodule, ckpt_path=resume)
         exported = directory if stage.sequential else objective.export(directory, merge=merge)
-        if preempted.is_dir():  # a sharded (distributed) checkpoint
-            shutil.rmtree(preempted)
-        preempted.unlink(missing_ok=True)
+
+        def drop_checkpoint() -> None:
+            if preempted.is_dir():  # a sharded (distributed) checkpoint
+                shutil.rmtree(preempted)
+            preempted.unlink(missing_ok=True)
+
+        processes.rank_zero(drop_checkpoint)  # after rank 0's export: every rank can read it now
         return exported
 
     def _finetune(self, stage_name: str, split: str) -> Path:
@@ -418,10 +428,14 @@ class Protocol:
         directory = self.run_dir / "models" / stage_name
         if directory.is_dir():
             return directory
-        merged = load_adapter(load_model(spec), str(fused)).merge_and_unload()
-        with atomic_directory(directory) as tmp:
-            merged.save_pretrained(tmp)
-            load_spec_tokenizer(spec).save_pretrained(tmp)
+
+        def export() -> None:
+            merged = load_adapter(load_model(spec), str(fused)).merge_and_unload()
+            with atomic_directory(directory) as tmp:
+                merged.save_pretrained(tmp)
+                load_spec_tokenizer(spec).save_pretrained(tmp)
+
+        processes.rank_zero(export)
         return directory
 
     def _evaluator(self, tokenizer, progress: bool = True) -> Evaluator:
@@ -444,13 +458,16 @@ class Protocol:
         saved = self.run_dir / "reports" / name / "report.json"
         if saved.is_file():  # written atomically after its model: a resumed run keeps it
             report = Report.load(saved)
-            report.save(saved.parent)
+            processes.rank_zero(lambda: report.save(saved.parent))
             return report
-        print(f"[{self.name}] {name}: evaluating", flush=True)
+        processes.say(f"[{self.name}] {name}: evaluating")
         spec = ModelSpec(path=str(model_dir), dtype=self.base.dtype)
-        report = self._evaluator(load_spec_tokenizer(spec)).run(load_model(spec))
+        # Every rank scores its shard of each split; every rank gets the whole report back.
+        report = self._evaluator(load_spec_tokenizer(spec), progress=processes.rank() == 0).run(
+            load_model(spec)
+        )
         report.settings["model_dir"] = str(model_dir)
-        report.save(self.run_dir / "reports" / name)
+        processes.rank_zero(lambda: report.save(self.run_dir / "reports" / name))
         return report
 
     def settings(self, objectives: bool = True) -> dict[str, Any]:
@@ -467,7 +484,9 @@ class Protocol:
     def _claim_run_dir(self) -> None:
         """Resume only a run of these very settings: ``settings.fingerprint`` in the run directory
         must match, else stop before touching anything (a changed config needs another name)."""
-        fingerprint = settings_fingerprint(self.settings())
+        processes.rank_zero(lambda: self._claim(settings_fingerprint(self.settings())))
+
+    def _claim(self, fingerprint: str) -> None:
         marker = self.run_dir / "settings.fingerprint"
         if marker.is_file() and marker.read_text().strip() == fingerprint:
             print(f"[{self.name}] resuming {self.run_dir}: finished stages are kept", flush=True)
@@ -482,6 +501,7 @@ class Protocol:
     def run(self) -> dict[str, Report]:
         """Run every stage and return the reports by model name; also writes report.json/.md.
         Lightning's per-stage notices are silenced (``quiet_libraries``); real warnings show."""
+        processes.join(str(self.trainer_args.get("accelerator", "cpu")))
         with quiet_libraries():
             return self._run()
 
@@ -497,6 +517,11 @@ class Protocol:
             check_preempted()  # a signal while a stage was finishing: stop before the next one
             unlearned = self._unlearn(name, stage, target)
             reports[name] = self._evaluate(name, unlearned)
+        processes.rank_zero(lambda: self._write_outputs(reports, retain_report, start))
+        return reports
+
+    def _write_outputs(self, reports: dict[str, Report], retain_report: Report, start: float) -> None:
+        """report.json, report.md, the figures and the printed table (on rank 0)."""
         table = metrics_table({n: r.metrics for n, r in reports.items()}, self._columns(reports))
         write_text_atomic(
             self.run_dir / "report.json",
@@ -524,7 +549,6 @@ class Protocol:
         print(
             f"[{self.name}] done in {time.perf_counter() - start:.0f} s; report: {self.run_dir / 'report.json'}"
         )
-        return reports
 
     def prepare_models(self) -> tuple[Path, dict[str, Report]]:
         """The data, the retain model and the target, each trained and evaluated once (a resumed
