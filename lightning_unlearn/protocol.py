@@ -19,6 +19,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from lightning_unlearn import processes
+from lightning_unlearn.attacks import ATTACKS, RelearnSettings, attack_metrics
 from lightning_unlearn.callbacks import ForgetRequest, SequentialForgetting, UnlearningEvaluation
 from lightning_unlearn.callbacks.sequential import request_metrics
 from lightning_unlearn.data.datamodule import FineTuneDataModule, UnlearningDataModule, check_at_least
@@ -62,6 +63,7 @@ TABLE_COLUMNS = [
     "mia_min_k",
     "mia_gap",
     "privleak",
+    *(f"{attack}_{metric}" for attack in ATTACKS for metric in ("forget_quality", "forget_Q_A_Prob")),
 ]
 
 
@@ -159,17 +161,24 @@ class Stage:
 
 @dataclass
 class EvalSettings:
-    """Evaluation of every model: questions per forward, generation budget, and the optional
-    closer-look cosine / NLI models (name or local path)."""
+    """Evaluation of every model: questions per forward, generation budget, the optional
+    closer-look cosine / NLI models (name or local path), and ``attacks`` that test whether the
+    forgetting holds (``quant8``, ``quant4``, ``relearn``; see ``lightning_unlearn.attacks``): each
+    adds ``<attack>_forget_*`` columns, measured on an attacked copy of every model."""
 
     batch_size: int = 16
     max_new_tokens: int = 200
     cosine_model: str | None = None
     nli_model: str | None = None
+    attacks: list[str] = field(default_factory=list)
+    relearn: RelearnSettings = field(default_factory=RelearnSettings)
 
     def __post_init__(self) -> None:
         check_at_least(1, "evaluation", batch_size=self.batch_size)
         check_at_least(0, "evaluation", max_new_tokens=self.max_new_tokens)
+        unknown = sorted(set(self.attacks) - set(ATTACKS))
+        if unknown:
+            raise UserError(f"evaluation.attacks: unknown {unknown}; choose from {', '.join(ATTACKS)}")
 
 
 class Protocol:
@@ -438,15 +447,22 @@ class Protocol:
         processes.rank_zero(export)
         return directory
 
-    def _evaluator(self, tokenizer, progress: bool = True) -> Evaluator:
-        """The protocol's evaluation, against the retain model once it is known."""
+    def _evaluator(
+        self,
+        tokenizer,
+        progress: bool = True,
+        splits: dict[str, list[dict]] | None = None,
+        retain_truth_ratios: list[float] | None = None,
+    ) -> Evaluator:
+        """The protocol's evaluation, against the retain model once it is known (``splits`` and
+        ``retain_truth_ratios`` replace the protocol's own for an attack's forget-only pass)."""
         return Evaluator(
             tokenizer,
-            self.eval_splits,
+            self.eval_splits if splits is None else splits,
             self.data.prompt_format,
             batch_size=self.evaluation.batch_size,
             max_new_tokens=self.evaluation.max_new_tokens,
-            retain_truth_ratios=self.retain_tr,
+            retain_truth_ratios=self.retain_tr if retain_truth_ratios is None else retain_truth_ratios,
             max_length=self.data.max_length,
             retain_mia_auc=self.retain_mia,
             progress=progress,
@@ -463,12 +479,27 @@ class Protocol:
         processes.say(f"[{self.name}] {name}: evaluating")
         spec = ModelSpec(path=str(model_dir), dtype=self.base.dtype)
         # Every rank scores its shard of each split; every rank gets the whole report back.
-        report = self._evaluator(load_spec_tokenizer(spec), progress=processes.rank() == 0).run(
-            load_model(spec)
-        )
+        tokenizer, model = load_spec_tokenizer(spec), load_model(spec)
+        report = self._evaluator(tokenizer, progress=processes.rank() == 0).run(model)
         report.settings["model_dir"] = str(model_dir)
+        if self.retain_tr is not None:  # the retain model's own attacks wait for its truth ratios
+            report.metrics.update(self._attacks(model, tokenizer))
         processes.rank_zero(lambda: report.save(self.run_dir / "reports" / name))
         return report
+
+    def _attacks(self, model, tokenizer) -> dict[str, float]:
+        """``evaluation.attacks`` on a copy of ``model``: each attack's forget metrics as columns."""
+        if not self.evaluation.attacks or "forget" not in self.eval_splits:
+            return {}
+
+        def forget_metrics(attacked, records: list[dict], reference: list[float] | None) -> dict[str, float]:
+            evaluator = self._evaluator(tokenizer, False, {"forget": records}, reference)
+            return evaluator.run(attacked).metrics
+
+        return attack_metrics(
+            model, self.evaluation.attacks, self.eval_splits["forget"], forget_metrics, self.retain_tr,
+            tokenizer, self.data.prompt_format, self.data.max_length, self.evaluation.relearn, self.seed,
+        )  # fmt: skip
 
     def settings(self, objectives: bool = True) -> dict[str, Any]:
         """What a run's results depend on (the fingerprinted settings); a sweep leaves out the
@@ -564,6 +595,10 @@ class Protocol:
             retain_report.metrics["forget_quality"] = forget_quality(self.retain_tr, self.retain_tr)
         if self.retain_mia is not None:
             retain_report.metrics["privleak"] = 0.0  # the reference itself, by definition
+        if self.evaluation.attacks and not any(k.endswith("_forget_Q_A_Prob") for k in retain_report.metrics):
+            spec = ModelSpec(path=str(retain_dir), dtype=self.base.dtype)
+            retain_report.metrics.update(self._attacks(load_model(spec), load_spec_tokenizer(spec)))
+            processes.rank_zero(lambda: retain_report.save(self.run_dir / "reports" / "retain"))
         target = self._finetune("finetuned", "full")
         return target, {"finetuned": self._evaluate("finetuned", target), "retain": retain_report}
 

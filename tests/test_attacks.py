@@ -90,3 +90,48 @@ def test_relearned_copy_lowers_the_nll_it_trains_on_reproducibly(tiny_spec, worl
     assert nll(first) < nll(model) - 0.1
     with pytest.raises(UserError, match="at least 2"):
         split_for_relearning(records[:1])
+
+
+def test_protocol_attack_columns_equal_attacking_the_saved_models_directly(tmp_path):
+    """``evaluation.attacks`` in the protocol: each model's ``quant4_*`` / ``relearn_*`` columns equal
+    an Evaluator run on ``quantized_copy`` / ``relearned_copy`` of that saved model, the relearned
+    copy measured on the forget rows it did not train on against the retain model's truth ratios of
+    those rows; 8 bits barely move anything."""
+    from test_protocol import _adamw, _protocol
+
+    from lightning_unlearn.attacks import RelearnSettings
+    from lightning_unlearn.evaluation import Evaluator
+    from lightning_unlearn.models import ModelSpec
+    from lightning_unlearn.objectives import GradAscent
+    from lightning_unlearn.protocol import EvalSettings, Stage
+
+    relearn = RelearnSettings(steps=3, lr=1e-3, batch_size=4)
+    protocol = _protocol(
+        tmp_path,
+        objectives={"ga": Stage(objective=GradAscent(optimizer=_adamw(1e-3)), max_epochs=2, batch_size=4)},
+        evaluation=EvalSettings(
+            batch_size=32, max_new_tokens=8, attacks=["quant8", "quant4", "relearn"], relearn=relearn
+        ),
+    )
+    reports = protocol.run()
+    forget = protocol.eval_splits["forget"]
+    train, held_out = split_for_relearning(forget, relearn.fraction)
+    fmt, length = protocol.data.prompt_format, protocol.data.max_length
+    for name in ("retain", "ga"):
+        spec = ModelSpec(path=str(tmp_path / "runs" / "mini" / "models" / name))
+        model, tokenizer = load_model(spec), load_spec_tokenizer(spec)
+        metrics = reports[name].metrics
+
+        def direct(m, records, reference, tokenizer=tokenizer):
+            return Evaluator(tokenizer, {"forget": records}, fmt, batch_size=32, max_new_tokens=8,
+                             retain_truth_ratios=reference, max_length=length).run(m).metrics  # fmt: skip
+
+        quant = direct(quantized_copy(model, 4, 64), forget, protocol.retain_tr)
+        relearned = relearned_copy(model, train, tokenizer, fmt, 3, 1e-3, 4, length, protocol.seed)
+        again = direct(relearned, held_out, protocol.retain_tr[len(train) :])
+        for key in ("forget_Q_A_Prob", "forget_quality", "forget_truth_ratio"):
+            assert metrics[f"quant4_{key}"] == pytest.approx(quant[key], rel=1e-5), (name, key)
+            assert metrics[f"relearn_{key}"] == pytest.approx(again[key], rel=1e-5), (name, key)
+        assert metrics["quant8_forget_Q_A_Prob"] == pytest.approx(metrics["forget_Q_A_Prob"], rel=0.05)
+    header = (tmp_path / "runs" / "mini" / "report.md").read_text().splitlines()[0]
+    assert "| relearn_forget_quality |" in header and "| quant4_forget_Q_A_Prob |" in header
