@@ -208,6 +208,15 @@ class Protocol:
         self.trainer_args = dict(trainer or {})
         self.run_dir = Path(out_dir) / name
         self.seed, self.logger = seed, logger
+        # What a run learns as it goes: the split files and evaluation records (``prepare_data``),
+        # the retain model's references (``prepare_models``), the stages' curves and ledgers.
+        self.splits_dir = self.run_dir / "splits"
+        self.eval_splits: dict[str, list[dict]] = {}
+        self.retain_tr: list[float] | None = None
+        self.retain_mia: float | None = None
+        self.histories: dict[str, list[dict]] = {}
+        self.continual: dict[str, list[dict]] = {}
+        self.continual_requests: dict[str, dict[str, list[dict]]] = {}
 
     # -- data -----------------------------------------------------------------------------------
     def prepare_data(self) -> Path:
@@ -227,8 +236,7 @@ class Protocol:
         )
         forget_questions = {r["question"] for r in forget}
         retain = [r for r in retain if r["question"] not in forget_questions]
-        # The protocol's own split files: what each model trains on, written once.
-        self.splits_dir = self.run_dir / "splits"
+        # The protocol's own split files (``splits_dir``): what each model trains on, written once.
 
         def write_splits() -> None:
             with atomic_directory(self.splits_dir) as tmp:
@@ -396,18 +404,19 @@ class Protocol:
         if during is not None:
             during.evaluator = self._evaluator(load_spec_tokenizer(spec), progress=False)
             callbacks.append(during)
-        if stage.sequential:
-            callbacks.append(self._sequential(stage_name, stage.sequential))
+        sequential = self._sequential(stage_name, stage.sequential) if stage.sequential else None
+        if sequential is not None:
+            callbacks.append(sequential)
         unlearned = self._train(stage_name, stage, spec, dm, callbacks)
         if own and stage.eval_every_n_epochs:  # from its file: a resumed run may not have trained it
             self.histories[stage_name] = json.loads(history.read_text())
-        if stage.sequential:
-            ledger = callbacks[1].dirpath / "ledger.jsonl"
+        if sequential is not None:
+            ledger = sequential.dirpath / "ledger.jsonl"
             self.continual[stage_name] = [json.loads(line) for line in ledger.read_text().splitlines()]
             self.continual_requests[stage_name] = {
-                r.name: rs for r, rs in zip(callbacks[1].requests, callbacks[1].records, strict=True)
+                r.name: rs for r, rs in zip(sequential.requests, sequential.records, strict=True)
             }
-            unlearned = self._export_fused(stage_name, spec, callbacks[1].dirpath / "fused")
+            unlearned = self._export_fused(stage_name, spec, sequential.dirpath / "fused")
         return unlearned
 
     def _sequential(self, stage_name: str, settings: SequentialSettings) -> SequentialForgetting:
@@ -541,9 +550,7 @@ class Protocol:
         self._claim_run_dir()
         target, reports = self.prepare_models()
         retain_report = reports["retain"]
-        self.histories: dict[str, list[dict]] = {}
-        self.continual: dict[str, list[dict]] = {}
-        self.continual_requests: dict[str, dict[str, list[dict]]] = {}
+        self.histories, self.continual, self.continual_requests = {}, {}, {}
         for name, stage in self.objectives.items():
             check_preempted()  # a signal while a stage was finishing: stop before the next one
             unlearned = self._unlearn(name, stage, target)
