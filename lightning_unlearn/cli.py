@@ -9,7 +9,6 @@ command to rerun and exits with status 143 (``preemption``).
 
 from __future__ import annotations
 
-import importlib
 import sys
 from pathlib import Path
 
@@ -90,41 +89,6 @@ def evaluate_main(argv: list[str]) -> None:
     print(f"report: {Path(init['out_dir']) / 'report.json'}")
 
 
-def default_refusals(config) -> None:
-    """An objective that trains on refusals (IDK+NLL, IDK+AP, IDK-DPO) gets the built-in refusals when
-    the data module names none, as in the protocol: so every TOFU config can share one data file,
-    and a file of one's own is still ``data.init_args.refusals``."""
-    from jsonargparse import Namespace
-
-    from lightning_unlearn.objectives.base import UnlearningObjective
-
-    model, data = config.get("model"), config.get("data")
-    if not isinstance(model, Namespace) or not isinstance(data, Namespace):
-        return
-    objective = _import_class(model.get("class_path"))
-    init = data.get("init_args")
-    if (
-        isinstance(objective, type)
-        and issubclass(objective, UnlearningObjective)
-        and objective.needs_refusals
-        and isinstance(init, Namespace)
-        and "refusals" in init
-        and init.refusals is None
-    ):
-        init.refusals = "builtin"
-
-
-def _import_class(path: object) -> object:
-    """The class a resolved ``class_path`` names, or None."""
-    if not isinstance(path, str) or "." not in path:
-        return None
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
-
-
 def lightning_main(argv: list[str] | None, run: bool = True):
     """LightningCLI over every objective and data module; ``run=False`` only builds them (tests)."""
     from lightning import LightningDataModule
@@ -133,8 +97,14 @@ def lightning_main(argv: list[str] | None, run: bool = True):
     from lightning_unlearn.resume import UnlearnCLI
 
     class ObjectiveCLI(UnlearnCLI):
-        def before_instantiate_classes(self) -> None:
-            default_refusals(self.config[self.subcommand] if self.subcommand else self.config)
+        def instantiate_classes(self) -> None:
+            """An objective that trains on refusals (IDK+NLL, IDK+AP, IDK-DPO) gets the built-in ones
+            when the data module names none, as in the protocol: so every TOFU config can share one
+            data file, and a file of one's own is still ``data.init_args.refusals``. The data module
+            reads it in ``setup``, after this."""
+            super().instantiate_classes()
+            if self.model.needs_refusals and getattr(self.datamodule, "refusals", "") is None:
+                self.datamodule.refusals = "builtin"
 
     return ObjectiveCLI(
         UnlearningObjective,

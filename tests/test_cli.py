@@ -116,12 +116,13 @@ def test_every_tofu_config_builds_its_objective(config):
     assert cli.datamodule.refusals == ("builtin" if cli.model.needs_refusals else None)
 
 
-def test_a_refusals_file_of_ones_own_is_kept(tmp_path):
+def test_idk_objectives_get_builtin_refusals_unless_the_data_names_a_file(tmp_path):
     from lightning_unlearn.cli import lightning_main
 
     refusals = tmp_path / "refusals.txt"
     refusals.write_text("I cannot say.\n")
     argv = ["--config", str(TOFU_CONFIGS / "idk_ap.yaml"), "--trainer.logger=false"]
+    assert lightning_main(argv, run=False).datamodule.refusals == "builtin"
     cli = lightning_main([*argv, "--data.init_args.refusals", str(refusals)], run=False)
     assert cli.datamodule.refusals == str(refusals)
 
