@@ -108,14 +108,20 @@ def split_for_relearning(records: list[dict], fraction: float = 0.5) -> tuple[li
     """The first ``fraction`` of the forget records to relearn on, the rest to measure on."""
     if not 0 < fraction < 1:
         raise UserError(f"relearn fraction must be in (0, 1), got {fraction}")
-    cut = max(1, min(len(records) - 1, round(len(records) * fraction)))
     if len(records) < 2:
         raise UserError("relearning needs at least 2 forget records: some to train on, some to measure")
+    cut = max(1, min(len(records) - 1, round(len(records) * fraction)))
     return records[:cut], records[cut:]
 
 
 ATTACKS = {"quant8": (8, None), "quant4": (4, 64), "relearn": None}  # name -> (bits, group) or None
 ATTACK_METRICS = ("forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio", "forget_quality")
+
+
+def check_attacks(attacks: list[str], where: str = "attacks") -> None:
+    unknown = sorted(set(attacks) - set(ATTACKS))
+    if unknown:
+        raise UserError(f"{where}: unknown {unknown}; choose from {', '.join(ATTACKS)}")
 
 
 @dataclass
@@ -147,9 +153,7 @@ def attack_metrics(
     of the forget role (the caller's Evaluator settings). Quantization is measured on every forget
     record; relearning on the records it did not train on, against the retain model's truth ratios
     of those same records (so forget_quality stays a like-for-like KS test)."""
-    unknown = sorted(set(attacks) - set(ATTACKS))
-    if unknown:
-        raise UserError(f"unknown attack(s) {unknown}: choose from {', '.join(ATTACKS)}")
+    check_attacks(attacks)
     columns: dict[str, float] = {}
     for name in attacks:
         if name == "relearn":

@@ -19,7 +19,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger
 
 from lightning_unlearn import processes
-from lightning_unlearn.attacks import ATTACKS, RelearnSettings, attack_metrics
+from lightning_unlearn.attacks import ATTACKS, RelearnSettings, attack_metrics, check_attacks
 from lightning_unlearn.callbacks import ForgetRequest, SequentialForgetting, UnlearningEvaluation
 from lightning_unlearn.callbacks.sequential import request_metrics
 from lightning_unlearn.data.datamodule import FineTuneDataModule, UnlearningDataModule, check_at_least
@@ -176,9 +176,7 @@ class EvalSettings:
     def __post_init__(self) -> None:
         check_at_least(1, "evaluation", batch_size=self.batch_size)
         check_at_least(0, "evaluation", max_new_tokens=self.max_new_tokens)
-        unknown = sorted(set(self.attacks) - set(ATTACKS))
-        if unknown:
-            raise UserError(f"evaluation.attacks: unknown {unknown}; choose from {', '.join(ATTACKS)}")
+        check_attacks(self.attacks, "evaluation.attacks")
 
 
 class Protocol:
@@ -491,13 +489,15 @@ class Protocol:
         tokenizer, model = load_spec_tokenizer(spec), load_model(spec)
         report = self._evaluator(tokenizer, progress=processes.rank() == 0).run(model)
         report.settings["model_dir"] = str(model_dir)
-        if self.retain_tr is not None:  # the retain model's own attacks wait for its truth ratios
-            report.metrics.update(self._attacks(model, tokenizer))
+        # The retain model's attacks compare against its own truth ratios (it is the reference).
+        reference = report.per_sample.get("forget_truth_ratio") if self.retain_tr is None else self.retain_tr
+        report.metrics.update(self._attacks(model, tokenizer, reference))
         processes.rank_zero(lambda: report.save(self.run_dir / "reports" / name))
         return report
 
-    def _attacks(self, model, tokenizer) -> dict[str, float]:
-        """``evaluation.attacks`` on a copy of ``model``: each attack's forget metrics as columns."""
+    def _attacks(self, model, tokenizer, reference: list[float] | None) -> dict[str, float]:
+        """``evaluation.attacks`` on a copy of ``model``: each attack's forget metrics as columns,
+        forget_quality against ``reference`` (the retain model's forget truth ratios)."""
         if not self.evaluation.attacks or "forget" not in self.eval_splits:
             return {}
 
@@ -506,7 +506,7 @@ class Protocol:
             return evaluator.run(attacked).metrics
 
         return attack_metrics(
-            model, self.evaluation.attacks, self.eval_splits["forget"], forget_metrics, self.retain_tr,
+            model, self.evaluation.attacks, self.eval_splits["forget"], forget_metrics, reference,
             tokenizer, self.data.prompt_format, self.data.max_length, self.evaluation.relearn, self.seed,
         )  # fmt: skip
 
@@ -602,10 +602,6 @@ class Protocol:
             retain_report.metrics["forget_quality"] = forget_quality(self.retain_tr, self.retain_tr)
         if self.retain_mia is not None:
             retain_report.metrics["privleak"] = 0.0  # the reference itself, by definition
-        if self.evaluation.attacks and not any(k.endswith("_forget_Q_A_Prob") for k in retain_report.metrics):
-            spec = ModelSpec(path=str(retain_dir), dtype=self.base.dtype)
-            retain_report.metrics.update(self._attacks(load_model(spec), load_spec_tokenizer(spec)))
-            processes.rank_zero(lambda: retain_report.save(self.run_dir / "reports" / "retain"))
         target = self._finetune("finetuned", "full")
         return target, {"finetuned": self._evaluate("finetuned", target), "retain": retain_report}
 
