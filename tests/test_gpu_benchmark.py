@@ -80,6 +80,16 @@ def test_rates_are_tokens_over_measured_seconds(smoke):
         assert r["step_ms"] == pytest.approx(1000 * r["seconds"] / r["timed_steps"], rel=1e-9)
 
 
+def test_time_accounting_adds_up(smoke):
+    """Set-up precedes the timed steps, and both fit inside the case's own wall time."""
+    report, _ = smoke
+    for r in report["cases"]:
+        assert r["case_seconds"] > 0
+        if r["kind"] == "train":
+            assert r["setup_seconds"] > 0 and r["setup_seconds"] + r["seconds"] <= r["case_seconds"]
+    assert sum(r["case_seconds"] for r in report["cases"]) <= report["wall_s"]
+
+
 def test_parameter_counts_and_mfu_from_the_config(smoke):
     report, _ = smoke
     rank = report["lora"]["r"]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import torch
 import yaml
 from conftest import TINY_LLAMA
 from safetensors.torch import load_file
-from test_preemption import preempted_line, run, signal_at
+from test_preemption import _env, preempted_line, run, signal_at
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
@@ -72,35 +74,26 @@ def _close(got: float, want: float, where: str, rel: float = 1e-5) -> None:
     assert got == pytest.approx(want, rel=rel, abs=1e-6), where
 
 
-def test_protocol_under_torchrun_resumes_fsdp2_stage_and_equals_one_process(tmp_path):
-    """Two ranks: rank 0 alone prints and writes, the other rank reads what it wrote (the target
-    the stages after it load); SIGTERM to rank 1 at step 3 of GA (epoch 0 of 2) stops both with
-    GA's sharded checkpoint of step 3 and one line naming torchrun's command; that command keeps
-    the finished stages and resumes GA; report.json and the GA model equal the 1-process run's."""
-    one = tmp_path / "one"
+@pytest.fixture(scope="module")
+def one(tmp_path_factory) -> Path:
+    """The protocol in one process: what both multi-process launches must reproduce."""
+    one = tmp_path_factory.mktemp("one") / "one"
     run(
-        [sys.executable, "-m", "lightning_unlearn", "protocol", "--config", str(_config(one / "p.yaml", 1))],
+        [
+            sys.executable,
+            "-m",
+            "lightning_unlearn",
+            "protocol",
+            "--config",
+            str(_config(one / "p.yaml", 1)),
+        ],
         one,
     )
+    return one
 
-    two = tmp_path / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "lightning_unlearn", "protocol", "--config", str(_config(two / "p.yaml", 2))]  # fmt: skip
-    done = signal_at(command, two, step=3, rank=1)
-    assert done.returncode != 0, done.stderr[-3000:]  # torchrun's status for failed workers: 1
-    assert "exitcode  : 143" in done.stderr  # the workers' own: preempted
-    assert preempted_line(done.stderr).endswith(f"rerun: cd {shlex.quote(str(two))} && {shlex.join(command)}")
-    run_dir = two / "runs" / "mini"
-    checkpoint = run_dir / "preempted" / "ga.ckpt"
-    assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()  # sharded: a directory
-    assert torch.load(checkpoint / "meta.pt", weights_only=True)["global_step"] == 3
-    assert not (run_dir / "models" / "ga").exists() and (run_dir / "models" / "finetuned").is_dir()
 
-    rerun = run(command, two)
-    for line in ("[mini] finetuned: done before, kept", "[mini] ga: resuming from"):
-        assert rerun.stdout.count(line) == 1, rerun.stdout[-3000:]  # said once, by rank 0
-    assert rerun.stdout.count("| ga |") == 1 and not checkpoint.exists()
-
+def _same_as_one_process(one: Path, two: Path) -> None:
+    """report.json and every saved model of the run in ``two`` equal the 1-process run's."""
     want, got = (json.loads((d / "runs" / "mini" / "report.json").read_text()) for d in (one, two))
     assert list(got) == list(want) == ["finetuned", "retain", "ga"]
     for model in want:
@@ -122,3 +115,56 @@ def test_protocol_under_torchrun_resumes_fsdp2_stage_and_equals_one_process(tmp_
         for key in a:
             error = (b[key] - a[key]).abs().max().item()
             assert error <= 1e-5 * a[key].abs().max().item(), f"{model} {key}: {error:.1e}"
+
+
+def test_protocol_under_torchrun_resumes_fsdp2_stage_and_equals_one_process(one, tmp_path):
+    """Two ranks: rank 0 alone prints and writes, the other rank reads what it wrote (the target
+    the stages after it load); SIGTERM to rank 1 at step 3 of GA (epoch 0 of 2) stops both with
+    GA's sharded checkpoint of step 3 and one line naming torchrun's command; that command keeps
+    the finished stages and resumes GA; report.json and the GA model equal the 1-process run's."""
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "lightning_unlearn", "protocol", "--config", str(_config(two / "p.yaml", 2))]  # fmt: skip
+    done = signal_at(command, two, step=3, rank=1)
+    assert done.returncode != 0, done.stderr[-3000:]  # torchrun's status for failed workers: 1
+    assert "exitcode  : 143" in done.stderr  # the workers' own: preempted
+    assert preempted_line(done.stderr).endswith(f"rerun: cd {shlex.quote(str(two))} && {shlex.join(command)}")
+    run_dir = two / "runs" / "mini"
+    checkpoint = run_dir / "preempted" / "ga.ckpt"
+    assert checkpoint.is_dir() and (checkpoint / "meta.pt").is_file()  # sharded: a directory
+    assert torch.load(checkpoint / "meta.pt", weights_only=True)["global_step"] == 3
+    assert not (run_dir / "models" / "ga").exists() and (run_dir / "models" / "finetuned").is_dir()
+
+    rerun = run(command, two)
+    for line in ("[mini] finetuned: done before, kept", "[mini] ga: resuming from"):
+        assert rerun.stdout.count(line) == 1, rerun.stdout[-3000:]  # said once, by rank 0
+    assert rerun.stdout.count("| ga |") == 1 and not checkpoint.exists()
+
+    _same_as_one_process(one, two)
+
+
+def test_protocol_under_srun_equals_one_process(one, tmp_path):
+    """Two tasks started as ``srun --ntasks 2`` starts them on one node: the same command in each,
+    told its place only by SLURM's variables (no RANK/WORLD_SIZE: Lightning's SLURMEnvironment
+    reads them); the report and models equal the 1-process run's."""
+    two = tmp_path / "two"
+    config = _config(two / "p.yaml", 2)
+    command = [sys.executable, "-m", "lightning_unlearn", "protocol", "--config", str(config)]
+    with socket.socket() as s:  # a free port for the rendezvous, as MASTER_PORT in an sbatch script
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    tasks = []
+    for task in range(2):
+        slurm = {"SLURM_NTASKS": "2", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2",
+                 "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task), "SLURM_NODEID": "0",
+                 "SLURM_JOB_NAME": "unlearn", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1",
+                 "MASTER_PORT": port}  # fmt: skip
+        log = (two / f"task{task}.log").open("w+")
+        tasks.append((subprocess.Popen(command, cwd=two, env=_env(**slurm), stdout=log, stderr=log), log))
+    for process, log in tasks:
+        code = process.wait(timeout=300)
+        log.seek(0)
+        output = log.read()
+        log.close()
+        assert code == 0, output[-3000:]
+    _same_as_one_process(one, two)
