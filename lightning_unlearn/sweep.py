@@ -39,6 +39,7 @@ LOCK = ".lock"  # held while a process runs the sweep
 # Trial attribute for a trial that ended in an error of its own (a diverged loss): finished, not
 # rerun on resume, unlike a trial a kill interrupted.
 ERROR = "error"
+CONTINUES = "continues"  # a trial that resumed a preempted one: that trial's name
 
 
 @dataclass
@@ -146,6 +147,9 @@ class Sweep:
         self.points = grid(self.dims, self.where) if sampler == "grid" else None
         self.protocol_config = self._load_protocol(out_dir)
         self.entry = self.protocol_config["objectives"][objective]
+        # Trials a preemption stopped with their step saved, by settings: (their name, wall time
+        # so far). The rerun's trial with the same settings continues from that step.
+        self.preempted: dict[str, tuple[str, float]] = {}
         try:
             self.protocol = self._build({})
         except UserError as err:
@@ -318,7 +322,11 @@ class Sweep:
                 covered.add(_key(params))
             else:
                 interrupted.append(params)
-                self._discard(trial.number)
+                name = _trial_name(trial.number)
+                if self._checkpoint(name).exists():  # preempted: its step was saved
+                    self.preempted[_key(params)] = (name, trial.user_attrs.get("wall_time_s", 0.0))
+                else:  # killed: start that point again
+                    self._discard(trial.number)
         queue = self.points if self.points is not None else interrupted
         for params in queue:
             if _key(params) not in covered:
@@ -332,20 +340,39 @@ class Sweep:
         )
         return max(self.n_trials - finished, 0)
 
+    def _files(self, name: str) -> list[Path]:
+        """A trial's files: its evaluations and best model, final model, logs, preempted step."""
+        run = self.run_dir
+        return [run / "trials" / name, run / "models" / name, run / "logs" / name, self._checkpoint(name)]
+
+    def _checkpoint(self, name: str) -> Path:
+        """Where the protocol saves a preempted trial's step (a directory when sharded)."""
+        return self.run_dir / "preempted" / f"{name}.ckpt"
+
     def _discard(self, number: int) -> None:
-        """An interrupted trial's files (its rerun gets a new number)."""
-        name = _trial_name(number)
-        for path in (
-            self.run_dir / "trials" / name,
-            self.run_dir / "models" / name,
-            self.run_dir / "logs" / name,
-        ):
-            shutil.rmtree(path, ignore_errors=True)
+        """A killed trial's files (its rerun gets a new number)."""
+        for path in self._files(_trial_name(number)):
+            if path.is_dir():
+                shutil.rmtree(path)
+            path.unlink(missing_ok=True)
+
+    def _adopt(self, earlier: str, name: str) -> None:
+        """Give trial ``name`` the files of the preempted trial ``earlier`` of the same settings:
+        the protocol then resumes its saved step (the checkpoint also holds the evaluations so far
+        and the best one's entry; best/ and history.json move with it)."""
+        for old, new in zip(self._files(earlier), self._files(name), strict=True):
+            if old.exists():
+                old.rename(new)
+        print(f"[{self.name}] {name}: continues {earlier}, preempted", flush=True)
 
     def _objective(self, trial) -> float:
         settings = {dim.key: dim.suggest(trial) for dim in self.dims}
         name = _trial_name(trial.number)
         print(f"[{self.name}] {name}: {settings}", flush=True)
+        earlier, spent = self.preempted.pop(_key(settings), (None, 0.0))
+        if earlier is not None:
+            self._adopt(earlier, name)
+            trial.set_user_attr(CONTINUES, earlier)
         directory = self.run_dir / "trials" / name
         during = UnlearningEvaluation(
             every_n_epochs=self.every_n_epochs or 1,
@@ -367,7 +394,7 @@ class Sweep:
             raise
         finally:
             trial.set_user_attr("evaluations", during.history)
-            trial.set_user_attr("wall_time_s", round(time.perf_counter() - start, 2))
+            trial.set_user_attr("wall_time_s", round(spent + time.perf_counter() - start, 2))
         shutil.rmtree(self.run_dir / "models" / name, ignore_errors=True)  # the final model: best/ is kept
         if during.best is None:
             return -math.inf if self.best.mode == "max" else math.inf
@@ -389,6 +416,7 @@ class Sweep:
                 "wall_time_s": t.user_attrs.get("wall_time_s"),
                 "evaluations": t.user_attrs.get("evaluations", []),
                 **({ERROR: t.user_attrs[ERROR]} if ERROR in t.user_attrs else {}),
+                **({CONTINUES: t.user_attrs[CONTINUES]} if CONTINUES in t.user_attrs else {}),
             }
             for t in study.get_trials(deepcopy=False)
         ]

@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_LLAMA
 
@@ -359,3 +362,50 @@ def test_tpe_sweep_extends_and_evaluates_every_n_steps(tmp_path, monkeypatch):
         steps = [e["step"] for e in t["evaluations"]]
         last = steps[-1]  # the end of fit is evaluated too
         assert steps == [0, *range(2, last + 1, 2)] + ([last] if last % 2 else [])
+
+
+def test_preempted_sweep_continues_its_trial_from_the_saved_step(tmp_path):
+    """SIGTERM in the middle of a trial's fit: exit 143 with its step saved; the rerun's trial of
+    the same settings continues from that step (it says so), and its evaluations, best step and
+    best weights equal those of a sweep never interrupted."""
+    from safetensors.torch import load_file
+    from test_preemption import preempted_line, run, signal_at
+
+    def sweep_dir(name: str):
+        directory = tmp_path / name
+        directory.mkdir()
+        protocol = yaml.safe_load(Path(_protocol_file(directory)).read_text())
+        protocol["objectives"]["ga"]["trainer"] = {"callbacks": [{"class_path": "helpers.WaitForSignal"}]}
+        (directory / "protocol.yaml").write_text(yaml.safe_dump(protocol))
+        sweep = {"name": "sw", "protocol": "protocol.yaml", "objective": "ga", "out_dir": "runs",
+                 "space": {"objective.init_args.optimizer.init_args.lr": [1e-2]}, "eval_every_n_steps": 2,
+                 "best": {"metric": "forget_Q_A_Prob", "mode": "min"}}  # fmt: skip
+        (directory / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+        return directory
+
+    command = [sys.executable, "-m", "lightning_unlearn", "sweep", "--config", "sweep.yaml"]
+    whole = sweep_dir("whole")
+    run(command, whole)
+    cut = sweep_dir("cut")
+    done = signal_at(command, cut, step=3)
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert preempted_line(done.stderr).endswith("sweep --config sweep.yaml")
+    saved = cut / "runs/sw/preempted/trial000.ckpt"
+    assert torch.load(saved, weights_only=False)["global_step"] == 3
+    rerun = run(command, cut)
+    assert "trial001: continues trial000, preempted" in rerun.stdout
+    assert "trial001: resuming from" in rerun.stdout  # the fit starts at step 3, not again at 0
+
+    want, got = (json.loads((d / "runs/sw/sweep.json").read_text()) for d in (whole, cut))
+    assert [t["state"] for t in got["trials"]] == ["FAIL", "COMPLETE"] and got["trials"][1][
+        "continues"
+    ] == "trial000"
+    assert len(got["trials"][0]["evaluations"]) == 2  # steps 0 and 2 were evaluated before the signal
+    trial = got["trials"][1]
+    assert [e["step"] for e in trial["evaluations"]] == [e["step"] for e in want["trials"][0]["evaluations"]]
+    for a, b in zip(trial["evaluations"], want["trials"][0]["evaluations"], strict=True):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+    assert got["best"]["evaluation"]["step"] == want["best"]["evaluation"]["step"]
+    a, b = (load_file(str(d / "runs/sw/best/model.safetensors")) for d in (whole, cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (cut / "runs/sw/preempted/trial000.ckpt").exists()
