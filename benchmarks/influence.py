@@ -1,7 +1,7 @@
 """Remove records from a deployed LoRA: the influence step against retraining that LoRA.
 
     python benchmarks/influence.py [--quick] [--json PATH] [--tofu DIR] [--work-dir DIR]
-                                   [--edit instance_removal|response_correction]
+                                   [--edit instance_removal|response_correction|query_modification]
                                    [--solver kfac] [--damping 0.03] [--factor-batches N]
 
 The setting of LLMEraser (Liu et al., 2024) and of an engineer with a deletion request: a pretrained
@@ -32,6 +32,14 @@ have guessed); the gold standard retrains on the retain rows plus the corrected 
 is ``InfluenceStep(edit="response_correction")`` on an edits file. The table then reports the
 probability of the new and of the old answers on the edited questions (``new_Q_A_Prob``,
 ``old_Q_A_Prob``) beside model utility.
+
+``--edit query_modification`` corrects the questions of records that were trained with the wrong
+one (noisy or poisoned inputs, LLMEraser's query modification): the deployed LoRA is fitted on
+the retain rows plus the forget rows with their questions rotated by one (each forget answer
+paired with the next row's question); the edit puts every forget row's own question back. The
+gold standard is the LoRA fitted on the correct records, i.e. the instance-removal benchmark's
+target (forget + retain), fitted once and shared. ``new_Q_A_Prob`` is then the probability of
+each forget answer given its right question, ``old_Q_A_Prob`` given the wrong one it was trained on.
 
 ``--quick`` is a reduced size (one forget author's 20 rows, 40 retain rows, 4 epochs, shorter
 generations) that runs in under 10 minutes on 2 CPU cores. Every stage's output is kept in
@@ -99,6 +107,16 @@ def corrections(tofu: str, forget: list[dict]) -> list[dict]:
     return [{**r, "new_answer": perturbed[r["question"]]} for r in forget]
 
 
+def wrong_questions(forget: list[dict]) -> list[dict]:
+    """Each forget row's answer under the next row's question (``question``, as trained), with its
+    own question as ``new_question`` (the correction)."""
+    rotated = forget[1:] + forget[:1]
+    return [
+        {"question": w["question"], "answer": r["answer"], "new_question": r["question"]}
+        for r, w in zip(forget, rotated, strict=True)
+    ]
+
+
 def write_splits(tofu: str, size: Size, directory: Path) -> dict[str, list[dict]]:
     """The runs' own split files (``full`` = forget + retain, ``retain``, ``forget``, and for
     response correction ``corrected`` = retain + the corrected forget rows and ``edits``) and the
@@ -107,12 +125,15 @@ def write_splits(tofu: str, size: Size, directory: Path) -> dict[str, list[dict]
     retain = load_split(tofu, "retain99")[: size.retain]
     edits = corrections(tofu, forget)
     corrected = retain + [{"question": r["question"], "answer": r["new_answer"]} for r in edits]
+    swapped = wrong_questions(forget)
     files = {
         "full": retain + forget,
         "retain": retain,
         "forget": forget,
         "corrected": corrected,
         "edits": edits,
+        "noisy": retain + [{"question": r["question"], "answer": r["answer"]} for r in swapped],
+        "query_edits": swapped,
     }
     for name, records in files.items():  # each file written once, atomically
         if not (directory / f"{name}.json").is_file():
@@ -208,13 +229,14 @@ def influence_step(
             solver_options=options,
             out_dir=str(tmp / "adapter"),
         )
+        edits = {"response_correction": "edits.json", "query_modification": "query_edits.json"}
         data = InfluenceDataModule(
             tokenizer=str(base),
             source=str(splits),
-            train_split="full",
+            train_split="noisy" if args.edit == "query_modification" else "full",
             edit=args.edit,
             removed_split="forget" if args.edit == "instance_removal" else None,
-            edits_file=str(splits / "edits.json") if args.edit == "response_correction" else None,
+            edits_file=str(splits / edits[args.edit]) if args.edit in edits else None,
             prompt_format=FORMAT,
             max_length=size.max_length,
             batch_size=size.batch_size,
@@ -269,7 +291,9 @@ def main() -> None:
         "--solver", default="kfac", help="InfluenceStep method (kfac, ekfac, datainf, cg, ...)"
     )
     parser.add_argument(
-        "--edit", default="instance_removal", choices=["instance_removal", "response_correction"]
+        "--edit",
+        default="instance_removal",
+        choices=["instance_removal", "response_correction", "query_modification"],
     )
     parser.add_argument("--damping", type=float, default=0.03)
     parser.add_argument("--factor-batches", type=int, help="kfac/ekfac: batches the factors are taken from")
@@ -282,45 +306,69 @@ def main() -> None:
 
     base = base_model(work / "base")
     eval_splits = write_splits(args.tofu, size, work / "splits")
-    log(f"fitting the deployed LoRA ({size.forget} forget + {size.retain} retain rows, {size.epochs} epochs)")
-    target_s = fit_lora(base, work / "splits", "full", size, args.seed, work / "target")
+    # Per edit: (directory, split) of the deployed LoRA and of the gold standard, and the step's prefix.
+    plans = {
+        "instance_removal": (("target", "full"), ("retrain", "retain"), "step"),
+        "response_correction": (("target", "full"), ("retrain_corrected", "corrected"), "correct"),
+        "query_modification": (("target_noisy", "noisy"), ("target", "full"), "query"),
+    }
+    (target_name, target_split), (gold_name, gold_split), prefix = plans[args.edit]
+    target_dir, retrain_dir = work / target_name, work / gold_name
+    log(f"fitting the deployed LoRA on '{target_split}' ({size.forget} forget + {size.retain} retain rows, "
+        f"{size.epochs} epochs)")  # fmt: skip
+    target_s = fit_lora(base, work / "splits", target_split, size, args.seed, target_dir)
     removal = args.edit == "instance_removal"
-    log(f"target: {target_s:.1f} s; retraining on the {'retain' if removal else 'corrected'} rows")
-    retrain_dir = work / ("retrain" if removal else "retrain_corrected")
-    retrain_s = fit_lora(
-        base, work / "splits", "retain" if removal else "corrected", size, args.seed, retrain_dir
-    )
-    prefix = "step" if removal else "correct"
+    log(f"target: {target_s:.1f} s; retraining on '{gold_split}'")
+    retrain_s = fit_lora(base, work / "splits", gold_split, size, args.seed, retrain_dir)
     step_dir = work / f"{prefix}_{args.solver}_{args.damping:g}_{args.factor_batches or 'all'}"
     log(f"retrain: {retrain_s:.1f} s; influence step ({args.solver}, damping {args.damping:g})")
-    step_s = influence_step(base, work / "splits", work / "target", args, size, step_dir)
+    step_s = influence_step(base, work / "splits", target_dir, args, size, step_dir)
     log(f"step: {step_s:.1f} s; evaluating")
 
-    retrain = evaluate(base, retrain_dir / "adapter", eval_splits, size, None, retrain_dir / "eval")
+    # The instance-removal target is query modification's gold: its evaluation there has no
+    # reference of its own (forget_quality 1), so it is kept apart from its evaluation as a target.
+    gold_eval = retrain_dir / ("eval_gold" if args.edit == "query_modification" else "eval")
+    retrain = evaluate(base, retrain_dir / "adapter", eval_splits, size, None, gold_eval)
     retain_tr = retrain.per_sample["forget_truth_ratio"]
     retrain.metrics["forget_quality"] = forget_quality(retain_tr, retain_tr)  # 1: it is the reference
+    target_eval = target_dir / "eval"
     reports = {
-        "target": evaluate(
-            base, work / "target" / "adapter", eval_splits, size, retain_tr, work / "target" / "eval"
-        ),
+        "target": evaluate(base, target_dir / "adapter", eval_splits, size, retain_tr, target_eval),
         "retrain": retrain,
         "step": evaluate(base, step_dir / "adapter", eval_splits, size, retain_tr, step_dir / "eval"),
     }
-    change_step = merged_change(step_dir / "adapter", work / "target" / "adapter")
-    change_retrain = merged_change(retrain_dir / "adapter", work / "target" / "adapter")
+    change_step = merged_change(step_dir / "adapter", target_dir / "adapter")
+    change_retrain = merged_change(retrain_dir / "adapter", target_dir / "adapter")
     cosine = float(torch.nn.functional.cosine_similarity(change_step, change_retrain, dim=0))
     norm_ratio = float(change_step.norm() / change_retrain.norm())
 
     keys = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "retain_Q_A_Prob")
-    if not removal:  # the new answers' probability on the edited questions; the old is forget_Q_A_Prob
-        new = [{**r, "answer": r["perturbed_answer"][0]} for r in eval_splits["forget"]]
-        dirs = {"target": work / "target", "retrain": retrain_dir, "step": step_dir}
+    if not removal:
+        # Response correction: the new answers scored on the edited questions; the old answers
+        # are the forget split's own. Query modification: each forget answer scored under the
+        # wrong question it was trained with; under its right one it is the forget split's own.
+        forget = eval_splits["forget"]
+        if args.edit == "response_correction":
+            extra, extra_key, own_key = (
+                [{**r, "answer": r["perturbed_answer"][0]} for r in forget],
+                "new",
+                "old",
+            )
+        else:
+            rows = (work / "splits" / "query_edits.json").read_text().splitlines()
+            wrong = {w["new_question"]: w["question"] for w in map(json.loads, rows)}
+            extra, extra_key, own_key = (
+                [{**r, "question": wrong[r["question"]]} for r in forget],
+                "old",
+                "new",
+            )
+        dirs = {"target": target_dir, "retrain": retrain_dir, "step": step_dir}
         for name, directory in dirs.items():
             scored = evaluate(
-                base, directory / "adapter", {"forget": new}, size, None, directory / "eval_new"
+                base, directory / "adapter", {"forget": extra}, size, None, directory / f"eval_{extra_key}"
             )
-            reports[name].metrics["new_Q_A_Prob"] = scored.metrics["forget_Q_A_Prob"]
-            reports[name].metrics["old_Q_A_Prob"] = reports[name].metrics["forget_Q_A_Prob"]
+            reports[name].metrics[f"{extra_key}_Q_A_Prob"] = scored.metrics["forget_Q_A_Prob"]
+            reports[name].metrics[f"{own_key}_Q_A_Prob"] = reports[name].metrics["forget_Q_A_Prob"]
         keys = ("new_Q_A_Prob", "old_Q_A_Prob", "model_utility", "retain_Q_A_Prob")
     table = {
         "size": asdict(size),

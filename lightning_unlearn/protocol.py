@@ -134,8 +134,9 @@ class Stage:
     the protocol), epochs, batch sizes and extra Trainer arguments. ``eval_every_n_epochs`` (an
     unlearning stage) evaluates during training too, for the forget-quality vs utility figure.
     ``sequential`` makes it a schedule of deletion requests (``max_epochs`` is then ignored).
-    An ``InfluenceStep`` objective needs ``adapter_fit``: the LoRA it edits to remove the forget
-    split (one epoch: the solve is its whole training loop)."""
+    An ``InfluenceStep`` objective edits a LoRA to remove the forget split (one epoch: the solve is
+    its whole training loop): ``adapter_fit``'s, fitted on the target; or, without it, the
+    target's own adapter when the protocol's fine-tune is a LoRA (the deployed-adapter setting)."""
 
     objective: UnlearningObjective = field(default_factory=FineTune)
     max_epochs: int = 1
@@ -151,9 +152,7 @@ class Stage:
         check_at_least(1, "stage", retain_per_forget=self.retain_per_forget)
         check_at_least(1, "stage", eval_every_n_epochs=self.eval_every_n_epochs)
         if isinstance(self.objective, InfluenceStep):
-            if self.adapter_fit is None:
-                raise UserError("an InfluenceStep stage needs adapter_fit: the LoRA fine-tune it edits")
-            if self.adapter_fit.objective.adapter_spec is None:
+            if self.adapter_fit is not None and self.adapter_fit.objective.adapter_spec is None:
                 raise UserError("adapter_fit.objective needs an adapter (LoRA): InfluenceStep edits one")
             if self.sequential is not None:
                 raise UserError("an InfluenceStep stage cannot be sequential")
@@ -200,6 +199,14 @@ class Protocol:
             raise UserError(f"objective names {sorted(reserved)} are reserved for the protocol's own models")
         if logger not in ("csv", "wandb"):
             raise UserError(f"logger must be 'csv' or 'wandb', got {logger!r}")
+        for stage_name, stage in objectives.items():
+            deployed = finetune.objective.adapter_spec is not None
+            if isinstance(stage.objective, InfluenceStep) and stage.adapter_fit is None and not deployed:
+                raise UserError(
+                    f"objectives.{stage_name}: an InfluenceStep stage edits a LoRA: give it adapter_fit "
+                    "(a LoRA fitted on the target), or give finetune.objective an adapter (the "
+                    "deployed-adapter setting: the step edits the target's own LoRA)"
+                )
         self.name, self.base, self.finetune, self.objectives = name, model, finetune, objectives
         self.data = data or DataSettings()
         self.evaluation = evaluation or EvalSettings()
@@ -330,6 +337,9 @@ class Protocol:
         return exported
 
     def _finetune(self, stage_name: str, split: str) -> Path:
+        """The target (``split`` full) or the retain model (``split`` retain). A fine-tune with a
+        LoRA (the deployed-adapter setting) keeps its adapter apart in ``<stage_name>_adapter``
+        for an InfluenceStep stage to edit, and its model is the base with that adapter merged."""
         dm = FineTuneDataModule(
             tokenizer=self.base.tokenizer_path,
             source=str(self.splits_dir),
@@ -339,24 +349,32 @@ class Protocol:
             batch_size=self.finetune.batch_size,
             seed=self.seed,
         )
-        return self._train(stage_name, self.finetune, self.base, dm)
+        if self.finetune.objective.adapter_spec is None:
+            return self._train(stage_name, self.finetune, self.base, dm)
+        adapter = self._train(f"{stage_name}_adapter", self.finetune, self.base, dm, merge=False)
+        return self._export_fused(stage_name, self.base, adapter)
 
     def _influence(self, stage_name: str, stage: Stage, target: Path) -> Path:
-        """Fit ``adapter_fit``'s LoRA on the target over forget + retain, then remove the forget
-        split from it with the influence step; the row is the target with the edited LoRA merged."""
+        """Fit ``adapter_fit``'s LoRA on the target over forget + retain (or, without it, take the
+        target's own LoRA: the deployed-adapter setting, where the base never saw the data), then
+        remove the forget split from it with the influence step; the row is the model under the
+        LoRA (the target, or the base) with the edited LoRA merged."""
         fit = stage.adapter_fit
-        spec = ModelSpec(path=str(target), dtype=self.base.dtype)
-        dm = FineTuneDataModule(
-            tokenizer=str(target),
-            source=str(self.splits_dir),
-            split="full",
-            prompt_format=self.data.prompt_format,
-            max_length=self.data.max_length,
-            batch_size=fit.batch_size,
-            seed=self.seed,
-        )
-        fit_stage = Stage(objective=fit.objective, max_epochs=fit.max_epochs, trainer=fit.trainer)
-        adapter_dir = self._train(f"{stage_name}_adapter", fit_stage, spec, dm, merge=False)
+        if fit is None:
+            spec, adapter_dir = self.base, self.run_dir / "models" / "finetuned_adapter"
+        else:
+            spec = ModelSpec(path=str(target), dtype=self.base.dtype)
+            dm = FineTuneDataModule(
+                tokenizer=str(target),
+                source=str(self.splits_dir),
+                split="full",
+                prompt_format=self.data.prompt_format,
+                max_length=self.data.max_length,
+                batch_size=fit.batch_size,
+                seed=self.seed,
+            )
+            fit_stage = Stage(objective=fit.objective, max_epochs=fit.max_epochs, trainer=fit.trainer)
+            adapter_dir = self._train(f"{stage_name}_adapter", fit_stage, spec, dm, merge=False)
         step = copy.deepcopy(stage.objective)
         step.adapter_dir = str(adapter_dir)
         edits = InfluenceDataModule(
@@ -440,7 +458,8 @@ class Protocol:
         )
 
     def _export_fused(self, stage_name: str, spec: ModelSpec, fused: Path) -> Path:
-        """The sequential stage's model: the target with the fused adapter merged in."""
+        """``spec``'s model with the adapter in ``fused`` merged in: a sequential stage's model
+        (the target with the fused adapter), a LoRA fine-tune's (the base with its adapter)."""
         directory = self.run_dir / "models" / stage_name
         if directory.is_dir():
             return directory

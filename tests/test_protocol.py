@@ -160,6 +160,45 @@ def test_protocol_writes_one_report_entry_per_model(tmp_path):
     assert after["forget"] - before["forget"] > 3 * abs(after["retain"] - before["retain"])
 
 
+def test_protocol_deployed_adapter_influence_edits_the_targets_own_lora(tmp_path):
+    """The deployed-adapter setting: the target and the retain model are LoRA fine-tunes of the
+    base (kept apart and merged), and an InfluenceStep stage without adapter_fit edits the target's
+    own LoRA: its row is the base with the edited LoRA merged. Without a LoRA fine-tune such a
+    stage is refused in one line."""
+    import torch
+    from safetensors.torch import load_file
+
+    lora = LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    finetune = Stage(objective=FineTune(adapter=lora, optimizer=_adamw(3e-2)), max_epochs=8, batch_size=16)
+    stage = Stage(objective=InfluenceStep(damping=0.05, max_iter=30), batch_size=32)
+    _protocol(tmp_path, finetune=finetune, objectives={"infl": stage}).run()
+    run = tmp_path / "runs" / "mini"
+    models = run / "models"
+    assert not (models / "infl_adapter").exists()  # no second adapter was fitted
+    assert (models / "retain_adapter").is_dir()  # the retain model: the same recipe
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(models / name / "model.safetensors"))
+
+    base = load_model(ModelSpec(config=dict(TINY_LLAMA, hidden_size=64, intermediate_size=128),
+                                tokenizer=str(run / "world" / "tokenizer")))  # fmt: skip
+    merged = load_adapter(base, str(models / "finetuned_adapter")).merge_and_unload().state_dict()
+    target, edited, base_weights = weights("finetuned"), weights("infl"), merged
+    for key, value in target.items():  # the target is exactly the base with its adapter merged
+        assert torch.allclose(value, base_weights[key], atol=1e-6), key
+    adapted = [k for k in target if k.endswith(("q_proj.weight", "v_proj.weight"))]
+    assert adapted and all(not torch.equal(edited[k], target[k]) for k in adapted)  # edited there ...
+    assert all(torch.equal(edited[k], target[k]) for k in target if k not in adapted)  # ... only there
+    # The edit removes the forget records: their loss rises over the target's, far more than the
+    # retain records' moves.
+    before = _split_losses(run, load_model(ModelSpec(path=str(models / "finetuned"))))
+    after = _split_losses(run, load_model(ModelSpec(path=str(models / "infl"))))
+    assert after["forget"] - before["forget"] > 3 * abs(after["retain"] - before["retain"]) > 0
+
+    with pytest.raises(UserError, match="objectives.infl: an InfluenceStep stage edits a LoRA"):
+        _protocol(tmp_path, objectives={"infl": stage})
+
+
 def _split_losses(run, model) -> dict[str, float]:
     """Mean per-record answer NLL of the protocol's forget and retain splits under ``model``."""
     import torch
