@@ -90,26 +90,17 @@ def test_the_shared_builder_evaluates_as_the_evaluator_built_directly(world_dir,
     retain = [0.2, 0.4, 0.5, 0.6, 0.7, 0.9]
     direct = Evaluator(tokenizer, splits, fmt, batch_size=3, max_new_tokens=5, retain_truth_ratios=retain,
                        max_length=MAX_LENGTH, progress=False, generation_batch_size=7, fast=False).run(model)  # fmt: skip
-    built = EvaluationSettings(**SHARED).evaluator(
-        tokenizer,
-        splits,
-        prompt_format=fmt,
-        max_length=MAX_LENGTH,
-        retain_truth_ratios=retain,
-        progress=False,
-    )
-    report = built.run(model)
+    encoding = {
+        "prompt_format": fmt,
+        "max_length": MAX_LENGTH,
+        "retain_truth_ratios": retain,
+        "progress": False,
+    }
+    report = EvaluationSettings(**SHARED).evaluator(tokenizer, splits, **encoding).run(model)
     assert report.per_sample == direct.per_sample
     assert report.generations == direct.generations
     assert report.metrics == direct.metrics and "forget_quality" in report.metrics
-    fast = EvaluationSettings(**{**SHARED, "fast": True}).evaluator(
-        tokenizer,
-        splits,
-        prompt_format=fmt,
-        max_length=MAX_LENGTH,
-        retain_truth_ratios=retain,
-        progress=False,
-    )
+    fast = EvaluationSettings(**{**SHARED, "fast": True}).evaluator(tokenizer, splits, **encoding)
     assert fast.run(model).per_sample != direct.per_sample  # the fast passes round differently
 
 

@@ -66,6 +66,7 @@ from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality, forget_truth_ratio
 from lightning_unlearn.report import Report
+from lightning_unlearn.seeds import stream_seed
 from lightning_unlearn.sharding import full_state_dict, set_full_
 
 MODES = ("independent", "stacked")
@@ -386,7 +387,7 @@ class SequentialForgetting(Callback):
         datamodule = trainer.datamodule
         datamodule.set_forget(self.records[k])
         datamodule.epoch_offset = first_epoch
-        torch.manual_seed(self.seed * 1_000_003 + k)
+        torch.manual_seed(stream_seed(self.seed, k))
         if self.mode == "independent":
             reset_lora_(pl_module.model)
             if hasattr(pl_module, "forget_last_good"):
