@@ -64,7 +64,7 @@ from lightning_unlearn.data.datamodule import FineTuneDataModule
 from lightning_unlearn.data.edits import InfluenceDataModule
 from lightning_unlearn.data.formatting import PromptFormat
 from lightning_unlearn.data.tofu import load_split
-from lightning_unlearn.evaluation import Evaluator
+from lightning_unlearn.evaluation_settings import EvaluationSettings
 from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality
 from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_model, load_spec_tokenizer
@@ -258,14 +258,12 @@ def evaluate(
     spec = ModelSpec(path=str(base), dtype="float32")
     tokenizer = load_spec_tokenizer(spec)
     model = load_adapter(load_model(spec, tokenizer), str(adapter)).merge_and_unload().eval()
-    evaluator = Evaluator(
+    evaluator = EvaluationSettings(batch_size=8, max_new_tokens=size.max_new_tokens).evaluator(
         tokenizer,
         splits,
-        FORMAT,
-        batch_size=8,
-        max_new_tokens=size.max_new_tokens,
-        retain_truth_ratios=retain_tr,
+        prompt_format=FORMAT,
         max_length=size.max_length,
+        retain_truth_ratios=retain_tr,
         progress=False,
     )
     report = evaluator.run(model)

@@ -81,7 +81,7 @@ from lightning_unlearn.data.formatting import PLAIN
 from lightning_unlearn.data.synthetic import WorldConfig, make_world
 from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.data.tokenizer import load_tokenizer
-from lightning_unlearn.evaluation import Evaluator
+from lightning_unlearn.evaluation_settings import EvaluationSettings
 from lightning_unlearn.influence import (
     METHODS,
     Edit,
@@ -515,9 +515,9 @@ def main() -> None:
         # The from-scratch retrain first: its truth ratios are the reference of forget_quality.
         for label in [SCRATCH, *[t for t in thetas if t != SCRATCH]]:
             assign(params, thetas[label])
-            evaluator = Evaluator(
-                tokenizer, eval_splits, batch_size=64, max_new_tokens=0, max_length=args.max_length,
-                progress=False, distributed=False, retain_truth_ratios=retain_truth_ratios,
+            evaluator = EvaluationSettings(batch_size=64, max_new_tokens=0).evaluator(
+                tokenizer, eval_splits, prompt_format=PLAIN, max_length=args.max_length,
+                retain_truth_ratios=retain_truth_ratios, progress=False,
             )  # fmt: skip
             report = evaluator.run(model)
             if retain_truth_ratios is None:

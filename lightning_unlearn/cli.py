@@ -72,7 +72,8 @@ def sweep_main(argv: list[str]) -> None:
     build_sweep(argv).run()
 
 
-def evaluate_main(argv: list[str]) -> None:
+def build_evaluate(argv: list[str]):
+    """The ``EvaluateCommand`` an ``evaluate`` command line describes (its checks done), not run."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     from lightning_unlearn.evaluate import EvaluateCommand
@@ -82,11 +83,16 @@ def evaluate_main(argv: list[str]) -> None:
     parser.add_class_arguments(EvaluateCommand, None, as_group=False)
     init = parser.instantiate(parser.parse_args(argv)).as_dict()
     init.pop("config", None)
-    report = EvaluateCommand(**init).run()
+    return EvaluateCommand(**init)
+
+
+def evaluate_main(argv: list[str]) -> None:
+    command = build_evaluate(argv)
+    report = command.run()
     from lightning_unlearn.report import metrics_table
 
     print(metrics_table({"model": report.metrics}))
-    print(f"report: {Path(init['out_dir']) / 'report.json'}")
+    print(f"report: {Path(command.out_dir) / 'report.json'}")
 
 
 def lightning_main(argv: list[str] | None, run: bool = True):

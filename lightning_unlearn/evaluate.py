@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from lightning_unlearn.data.datamodule import check_at_least
 from lightning_unlearn.data.formatting import PromptFormat
-from lightning_unlearn.evaluation import Evaluator, load_eval_splits
+from lightning_unlearn.evaluation import load_eval_splits
+from lightning_unlearn.evaluation_settings import EvaluationSettings
 from lightning_unlearn.models import ModelSpec, load_adapter, load_model, load_spec_tokenizer
 from lightning_unlearn.plots import truth_ratio_cdfs
 from lightning_unlearn.report import Report
@@ -22,9 +24,10 @@ TOFU_EVAL_SPLITS = {
 }
 
 
-@dataclass
-class EvaluateCommand:
-    """Evaluate a model on TOFU-style splits.
+@dataclass(kw_only=True)
+class EvaluateCommand(EvaluationSettings):
+    """Evaluate a model on TOFU-style splits: the ``EvaluationSettings`` (batch sizes, generation
+    budget, fast mode, closer-look models) and what to evaluate with them.
 
     Args:
         model: model directory, ``.gguf`` file or hub id (the base model when ``adapter`` is set).
@@ -35,9 +38,12 @@ class EvaluateCommand:
         limit: evaluate the first N rows of each split.
         retain_report: the retain model's report (file or directory), for forget_quality.
         out_dir: where report.json, report.md and truth_ratios.png go.
-        cosine_model / nli_model: sentence-embedding and NLI models (name or local path) for
-            closer-look's cosine similarity and entailment score; unset skips those metrics.
+        prompt_format: how a question becomes a prompt, as the model was trained.
+        max_length: the longest encoded question and answer, in tokens, as the model was trained.
+        dtype: the weights' dtype once loaded.
     """
+
+    section: ClassVar[str] = "evaluate"
 
     model: str
     adapter: str | None = None
@@ -48,18 +54,12 @@ class EvaluateCommand:
     retain_report: str | None = None
     out_dir: str = "runs/evaluate"
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
-    batch_size: int = 16
-    max_new_tokens: int = 200
     max_length: int = 512
     dtype: str = "float32"
-    cosine_model: str | None = None
-    nli_model: str | None = None
 
     def __post_init__(self) -> None:
-        check_at_least(
-            1, "evaluate", limit=self.limit, batch_size=self.batch_size, max_length=self.max_length
-        )
-        check_at_least(0, "evaluate", max_new_tokens=self.max_new_tokens)
+        check_at_least(1, self.section, limit=self.limit, max_length=self.max_length)
+        super().__post_init__()
 
     def tokenizer_path(self) -> str:
         if self.tokenizer:
@@ -72,16 +72,12 @@ class EvaluateCommand:
         splits = load_eval_splits(self.source, self.splits, self.limit)
         spec = ModelSpec(path=self.model, tokenizer=self.tokenizer_path(), dtype=self.dtype)
         tokenizer = load_spec_tokenizer(spec)
-        evaluator = Evaluator(
+        evaluator = self.evaluator(
             tokenizer,
             splits,
-            self.prompt_format,
-            batch_size=self.batch_size,
-            max_new_tokens=self.max_new_tokens,
-            retain_truth_ratios=self.retain_report,
+            prompt_format=self.prompt_format,
             max_length=self.max_length,
-            cosine_model=self.cosine_model,
-            nli_model=self.nli_model,
+            retain_truth_ratios=self.retain_report,
         )
         model = load_model(spec)
         if self.adapter:

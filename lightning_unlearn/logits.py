@@ -25,17 +25,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_unlearn.architecture import base_model
 from lightning_unlearn.sharding import is_sharded
 
 # Logit elements per chunk (rows x vocabulary): 8M float32 values, 32 MiB, whatever the vocabulary.
 CHUNK_ELEMENTS = 1 << 23
 
 RowFn = Callable[..., Tensor]
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:

@@ -30,6 +30,7 @@ from lightning_unlearn.data.synthetic import WorldConfig, make_world
 from lightning_unlearn.data.tofu import load_split, split_where
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.evaluation import Evaluator
+from lightning_unlearn.evaluation_settings import EvaluationSettings
 from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality
 from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_model, load_spec_tokenizer
@@ -159,22 +160,19 @@ class Stage:
 
 
 @dataclass
-class EvalSettings:
-    """Evaluation of every model: questions per forward, generation budget, the optional
-    closer-look cosine / NLI models (name or local path), and ``attacks`` that test whether the
-    forgetting holds (``quant8``, ``quant4``, ``relearn``; see ``lightning_unlearn.attacks``): each
-    adds ``<attack>_forget_*`` columns, measured on an attacked copy of every model."""
+class EvalSettings(EvaluationSettings):
+    """The protocol's ``evaluation:`` section: the ``EvaluationSettings`` every model is evaluated
+    with (questions per forward, generation budget, fast mode, closer-look cosine / NLI models),
+    plus ``attacks`` that test whether the forgetting holds (``quant8``, ``quant4``, ``relearn``;
+    see ``lightning_unlearn.attacks``): each adds ``<attack>_forget_*`` columns, measured on an
+    attacked copy of every model. Questions are encoded as in training: ``data.prompt_format``,
+    ``data.max_length``."""
 
-    batch_size: int = 16
-    max_new_tokens: int = 200
-    cosine_model: str | None = None
-    nli_model: str | None = None
     attacks: list[str] = field(default_factory=list)
     relearn: RelearnSettings = field(default_factory=RelearnSettings)
 
     def __post_init__(self) -> None:
-        check_at_least(1, "evaluation", batch_size=self.batch_size)
-        check_at_least(0, "evaluation", max_new_tokens=self.max_new_tokens)
+        super().__post_init__()
         check_attacks(self.attacks, "evaluation.attacks")
 
 
@@ -482,18 +480,14 @@ class Protocol:
     ) -> Evaluator:
         """The protocol's evaluation, against the retain model once it is known (``splits`` and
         ``retain_truth_ratios`` replace the protocol's own for an attack's forget-only pass)."""
-        return Evaluator(
+        return self.evaluation.evaluator(
             tokenizer,
             self.eval_splits if splits is None else splits,
-            self.data.prompt_format,
-            batch_size=self.evaluation.batch_size,
-            max_new_tokens=self.evaluation.max_new_tokens,
-            retain_truth_ratios=self.retain_tr if retain_truth_ratios is None else retain_truth_ratios,
+            prompt_format=self.data.prompt_format,
             max_length=self.data.max_length,
+            retain_truth_ratios=self.retain_tr if retain_truth_ratios is None else retain_truth_ratios,
             retain_mia_auc=self.retain_mia,
             progress=progress,
-            cosine_model=self.evaluation.cosine_model,
-            nli_model=self.evaluation.nli_model,
         )
 
     def _evaluate(self, name: str, model_dir: Path) -> Report:

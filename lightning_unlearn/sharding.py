@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_unlearn.architecture import base_model, decoder_layers
 from lightning_unlearn.errors import UserError
 
 
@@ -21,11 +22,6 @@ def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in module.parameters())
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, the unit FSDP2 gathers at once (``*DecoderLayer`` in transformers)."""
-    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
 def fully_shard_model(model: nn.Module, mesh, reshard_after_forward: bool = True) -> nn.Module:
@@ -39,14 +35,11 @@ def fully_shard_model(model: nn.Module, mesh, reshard_after_forward: bool = True
             "data_parallel_size to the number of processes and tensor_parallel_size: 1"
         )
     dp_mesh = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-    layers = decoder_layers(model)
-    if not layers:
-        raise UserError(f"FSDP2: found no decoder layers to shard in {type(model).__name__}")
-    for layer in layers:
+    for layer in decoder_layers(model):  # the unit FSDP2 gathers at once
         fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     # The root unit is the transformers model inside peft's wrapper: ``generate`` calls that
     # model's forward directly, and the root's gather hook must run on every path in.
-    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    root = base_model(model)
     fully_shard(root, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     return model
 

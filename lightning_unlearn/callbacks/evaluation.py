@@ -15,6 +15,7 @@ from lightning_unlearn.data.formatting import PromptFormat
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.evaluation import Evaluator, load_eval_splits
+from lightning_unlearn.evaluation_settings import EvaluationSettings
 from lightning_unlearn.io import write_text_atomic
 from lightning_unlearn.models import load_spec_tokenizer
 from lightning_unlearn.report import Report
@@ -39,6 +40,10 @@ class UnlearningEvaluation(Callback):
         limit: evaluate the first N rows of each split.
         retain_report: the retain model's report, for forget_quality.
         tokenizer: defaults to the objective's model's tokenizer.
+        prompt_format / max_length: how the model reads its input (as its data module encodes it).
+        batch_size, max_new_tokens, generation_batch_size, fast, cosine_model, nli_model: the
+            ``EvaluationSettings`` (``lightning_unlearn.evaluation_settings``); a shorter default
+            generation budget than the ``evaluate`` command's, as this runs during training.
         every_n_epochs: evaluate after every N training epochs.
         every_n_steps: evaluate after every N optimizer steps instead (epochs are then ignored).
         monitor: metric that picks the best evaluation (e.g. ``forget_quality``); None keeps none.
@@ -47,7 +52,6 @@ class UnlearningEvaluation(Callback):
             ``{model_utility: 0.9}`` keeps only evaluations with at least 0.9x the start's utility.
         best_dirpath: where the best model is exported (adapter only for LoRA runs).
         history_path: a JSON file for the history (rewritten atomically after each evaluation).
-        cosine_model / nli_model: as for the Evaluator (closer-look's cosine and entailment).
     """
 
     def __init__(
@@ -70,6 +74,8 @@ class UnlearningEvaluation(Callback):
         history_path: str | None = None,
         cosine_model: str | None = None,
         nli_model: str | None = None,
+        generation_batch_size: int | None = None,
+        fast: bool = True,
     ) -> None:
         if every_n_epochs < 1:
             raise UserError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
@@ -81,8 +87,15 @@ class UnlearningEvaluation(Callback):
             raise UserError("set monitor and best_dirpath together to keep the best model")
         self.source, self.splits, self.limit = source, dict(splits or DEFAULT_SPLITS), limit
         self.retain_report, self.tokenizer = retain_report, tokenizer
-        self.prompt_format = prompt_format or PromptFormat()
-        self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
+        self.prompt_format, self.max_length = prompt_format or PromptFormat(), max_length
+        self.settings = EvaluationSettings(
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            generation_batch_size=generation_batch_size,
+            fast=fast,
+            cosine_model=cosine_model,
+            nli_model=nli_model,
+        )
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
         self.monitor, self.mode = monitor, mode
         self.min_ratio, self.best_dirpath, self.history_path = (
@@ -90,7 +103,6 @@ class UnlearningEvaluation(Callback):
             best_dirpath,
             history_path,
         )
-        self.cosine_model, self.nli_model = cosine_model, nli_model
         self.evaluator: Evaluator | None = None  # the protocol injects its own
         self.periodic = True  # SequentialForgetting turns this off and calls evaluate() itself
         self.history: list[dict] = []
@@ -104,17 +116,13 @@ class UnlearningEvaluation(Callback):
             tokenizer = load_tokenizer(self.tokenizer)
         else:
             tokenizer = load_spec_tokenizer(pl_module.model_spec)
-        self.evaluator = Evaluator(
+        self.evaluator = self.settings.evaluator(
             tokenizer,
             splits,
-            self.prompt_format,
-            batch_size=self.batch_size,
-            max_new_tokens=self.max_new_tokens,
-            retain_truth_ratios=self.retain_report,
+            prompt_format=self.prompt_format,
             max_length=self.max_length,
+            retain_truth_ratios=self.retain_report,
             progress=False,
-            cosine_model=self.cosine_model,
-            nli_model=self.nli_model,
         )
 
     # -- when ----------------------------------------------------------------------------------

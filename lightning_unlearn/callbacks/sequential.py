@@ -60,11 +60,13 @@ from lightning_unlearn.adapters import (
     svd_truncate,
 )
 from lightning_unlearn.callbacks.evaluation import UnlearningEvaluation
+from lightning_unlearn.callbacks.sequential_interface import AdapterObjective, RequestData, require
 from lightning_unlearn.data.records import load_records
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality, forget_truth_ratio
 from lightning_unlearn.report import Report
+from lightning_unlearn.seeds import stream_seed
 from lightning_unlearn.sharding import full_state_dict, set_full_
 
 MODES = ("independent", "stacked")
@@ -280,7 +282,7 @@ class SequentialForgetting(Callback):
         }
 
     # -- schedule and resume -------------------------------------------------------------------
-    def _records(self, datamodule, request: ForgetRequest) -> list[dict]:
+    def _records(self, datamodule: RequestData, request: ForgetRequest) -> list[dict]:
         if (request.ids is None) == (request.file is None):
             raise UserError(f"request '{request.name}': give exactly one of ids or file")
         if request.file is not None:
@@ -290,13 +292,15 @@ class SequentialForgetting(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if getattr(pl_module, "adapter_spec", None) is None:
+        require(pl_module, AdapterObjective, "objective")
+        if pl_module.adapter_spec is None:
             raise UserError(
                 "SequentialForgetting trains one LoRA adapter per request: give the objective an adapter"
             )
-        datamodule = trainer.datamodule
-        if not hasattr(datamodule, "set_forget"):
-            raise UserError("SequentialForgetting needs an UnlearningDataModule")
+        if trainer.datamodule is None:
+            raise UserError("SequentialForgetting needs a data module (an UnlearningDataModule) in fit")
+        require(trainer.datamodule, RequestData, "data module")
+        datamodule: RequestData = trainer.datamodule
         datamodule.setup("fit")
         self.records = [self._records(datamodule, r) for r in self.requests]
         ledger_path = self.dirpath / "ledger.jsonl"
@@ -383,7 +387,7 @@ class SequentialForgetting(Callback):
         datamodule = trainer.datamodule
         datamodule.set_forget(self.records[k])
         datamodule.epoch_offset = first_epoch
-        torch.manual_seed(self.seed * 1_000_003 + k)
+        torch.manual_seed(stream_seed(self.seed, k))
         if self.mode == "independent":
             reset_lora_(pl_module.model)
             if hasattr(pl_module, "forget_last_good"):

@@ -21,6 +21,7 @@ from lightning_unlearn.data.tofu import load_split, split_where
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.distributed import shard_indices
 from lightning_unlearn.errors import ConfigError, UserError
+from lightning_unlearn.seeds import stream_seed
 
 
 def check_at_least(minimum: int, section: str = "data", **values: int | None) -> None:
@@ -73,7 +74,7 @@ class PairedDataset(Dataset):
         self.epoch = epoch
 
     def retain_indices(self, index: int) -> list[int]:
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + index)
+        gen = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch) * 1_000_033 + index)
         return torch.randint(len(self.retain), (self.retain_per_forget,), generator=gen).tolist()
 
     def __len__(self) -> int:
@@ -111,7 +112,7 @@ class EpochShuffle(ResumableSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
 
     def order(self) -> list[int]:
-        gen = torch.Generator().manual_seed((self.dataset.seed * 1_000_003 + self.dataset.epoch) * 7919 + 1)
+        gen = torch.Generator().manual_seed(stream_seed(self.dataset.seed, self.dataset.epoch) * 7919 + 1)
         order = torch.randperm(len(self.dataset), generator=gen).tolist()
         order += order[: self.total_size - len(order)]
         return order[self.rank : self.total_size : self.num_replicas]

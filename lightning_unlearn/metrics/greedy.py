@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from lightning_unlearn.logits import base_model, decoder_and_head, soft_capped
+from lightning_unlearn.architecture import base_model
+from lightning_unlearn.logits import decoder_and_head, soft_capped
 
 try:  # transformers >= 4.56: a cache is a list of layers; older ones concatenate as before
     from transformers.cache_utils import DynamicLayer

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_unlearn.logits import base_model, decoder_and_head, soft_capped
+from lightning_unlearn.architecture import base_model
+from lightning_unlearn.logits import decoder_and_head, soft_capped
 from lightning_unlearn.losses import IGNORE_INDEX
 
 # Attention implementations that take an arbitrary 4D mask, and the mask's form for each.

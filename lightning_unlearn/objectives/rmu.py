@@ -31,31 +31,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lightning_unlearn.architecture import base_model, decoder_layers
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.logits import decoder_and_head
 from lightning_unlearn.losses import representation_loss
 from lightning_unlearn.objectives.base import UnlearningObjective
 
 RETAIN_LOSS_TYPES = ("embed_diff", "nll")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a peft wrapper (the model itself otherwise)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Hugging Face causal LM, with or without a peft wrapper."""
-    base = _unwrap(model)
-    get_decoder = getattr(base, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    for owner in (decoder, getattr(base, "model", None), getattr(base, "transformer", None)):
-        for name in ("layers", "h"):
-            layers = getattr(owner, name, None) if owner is not None else None
-            if isinstance(layers, nn.ModuleList):
-                return layers
-    raise UserError(f"RMU: cannot find the decoder layers of {type(base).__name__}")
 
 
 class RMU(UnlearningObjective):
@@ -110,12 +92,12 @@ class RMU(UnlearningObjective):
             self._freeze_after_layer(layers)
 
     def _hidden_size(self) -> int:
-        config = _unwrap(self.model).config
+        config = base_model(self.model).config
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         return config.hidden_size
 
     def _freeze_after_layer(self, layers: nn.ModuleList) -> None:
-        base = _unwrap(self.model)
+        base = base_model(self.model)
         downstream = list(layers[self.layer + 1 :])
         decoder = base.get_decoder() if callable(getattr(base, "get_decoder", None)) else None
         for name in ("norm", "final_layer_norm", "ln_f"):
