@@ -25,10 +25,10 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from lightning_unlearn.callbacks import ExportModel
+from lightning_unlearn.callbacks.nonfinite import NonFiniteLoss
 from lightning_unlearn.data.datamodule import UnlearningDataModule
 from lightning_unlearn.models import LoraSpec, ModelSpec, load_model
 from lightning_unlearn.objectives import GradAscent
-from lightning_unlearn.objectives.base import NonFiniteLoss
 
 TESTS = Path(__file__).resolve().parent
 LORA = {"r": 4, "alpha": 8}
