@@ -99,7 +99,7 @@ def lightning_main(argv: list[str] | None, run: bool = True):
     """LightningCLI over every objective and data module; ``run=False`` only builds them (tests)."""
     from lightning import LightningDataModule
 
-    from lightning_unlearn.objectives.base import UnlearningObjective
+    from lightning_unlearn.objectives.adapted import AdaptedModel
     from lightning_unlearn.resume import UnlearnCLI
 
     class ObjectiveCLI(UnlearnCLI):
@@ -109,11 +109,14 @@ def lightning_main(argv: list[str] | None, run: bool = True):
             data file, and a file of one's own is still ``data.init_args.refusals``. The data module
             reads it in ``setup``, after this."""
             super().instantiate_classes()
-            if self.model.needs_refusals and getattr(self.datamodule, "refusals", "") is None:
+            if (
+                getattr(self.model, "needs_refusals", False)
+                and getattr(self.datamodule, "refusals", "") is None
+            ):
                 self.datamodule.refusals = "builtin"
 
     return ObjectiveCLI(
-        UnlearningObjective,
+        AdaptedModel,  # every objective, and InfluenceStep
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

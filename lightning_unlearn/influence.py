@@ -62,6 +62,7 @@ from lightning_unlearn.datainf import datainf_solve
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.kfac import eigenbases, kronecker_factors, refit_eigenvalues
 from lightning_unlearn.losses import mean_token_nll
+from lightning_unlearn.models import named_trainable
 
 HVP = Callable[[Tensor], Tensor]
 Reduce = Callable[[Tensor], Tensor]
@@ -561,7 +562,7 @@ def _solve_layerwise(
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
     """(name, parameter) of everything with requires_grad (the LoRA adapter of a peft model)."""
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    named = named_trainable(model)
     if not named:
         raise InfluenceError("the model has no trainable parameters (requires_grad=True) to edit")
     return named

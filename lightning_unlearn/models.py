@@ -180,6 +180,12 @@ def _drop_gguf_marks(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
+def named_trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter with requires_grad: what an optimiser trains, a
+    checkpoint keeps and an influence step edits (a peft model's adapter; every weight without one)."""
+    return [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+
+
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute each decoder layer in the backward pass instead of keeping its activations.
 

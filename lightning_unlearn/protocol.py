@@ -31,10 +31,12 @@ from lightning_unlearn.data.tofu import load_split, split_where
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.evaluation import Evaluator
 from lightning_unlearn.evaluation_settings import EvaluationSettings
+from lightning_unlearn.export import export_model
 from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality
 from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_model, load_spec_tokenizer
-from lightning_unlearn.objectives import FineTune, InfluenceStep, UnlearningObjective
+from lightning_unlearn.objectives import FineTune, InfluenceStep
+from lightning_unlearn.objectives.adapted import AdaptedModel
 from lightning_unlearn.plots import continual_forgetting, forget_quality_vs_utility, truth_ratio_cdfs
 from lightning_unlearn.preemption import check as check_preempted
 from lightning_unlearn.preemption import preemption_callback
@@ -139,7 +141,7 @@ class Stage:
     its whole training loop): ``adapter_fit``'s, fitted on the target; or, without it, the
     target's own adapter when the protocol's fine-tune is a LoRA (the deployed-adapter setting)."""
 
-    objective: UnlearningObjective = field(default_factory=FineTune)
+    objective: AdaptedModel = field(default_factory=FineTune)
     max_epochs: int = 1
     batch_size: int = 8
     retain_per_forget: int = 1
@@ -463,10 +465,8 @@ class Protocol:
             return directory
 
         def export() -> None:
-            merged = load_adapter(load_model(spec), str(fused)).merge_and_unload()
-            with atomic_directory(directory) as tmp:
-                merged.save_pretrained(tmp)
-                load_spec_tokenizer(spec).save_pretrained(tmp)
+            model = load_adapter(load_model(spec), str(fused))
+            export_model(directory, model, load_spec_tokenizer(spec), merge=True, in_place=True)
 
         processes.rank_zero(export)
         return directory

@@ -21,14 +21,14 @@ import yaml
 from conftest import TINY_LLAMA
 from helpers import forget10_data
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lightning_unlearn.callbacks import ExportModel
+from lightning_unlearn.callbacks.nonfinite import NonFiniteLoss
 from lightning_unlearn.data.datamodule import UnlearningDataModule
 from lightning_unlearn.models import LoraSpec, ModelSpec, load_model
 from lightning_unlearn.objectives import GradAscent
-from lightning_unlearn.objectives.base import NonFiniteLoss
 
 TESTS = Path(__file__).resolve().parent
 LORA = {"r": 4, "alpha": 8}
@@ -334,3 +334,63 @@ def test_two_processes_stop_together_when_one_rank_sees_nan(
     # 2 processes sum in another order: ~1e-7 relative (see tests/distributed/test_scale_out.py).
     assert error(expected[1]) <= 1e-5
     assert error(expected[2]) > 1e-3
+
+
+class _Line(L.LightningModule):
+    """A linear regression, not an objective: the guard needs nothing but ``export``. Its loss is
+    nan at training batch ``nan_at``."""
+
+    def __init__(self, nan_at: int) -> None:
+        super().__init__()
+        self.layer, self.nan_at = torch.nn.Linear(2, 1), nan_at
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = (self.layer(x) - y).pow(2).mean()
+        return loss * float("nan") if batch_idx == self.nan_at else loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def export(self, directory: Path, merge: bool = True) -> None:
+        Path(directory).mkdir(parents=True)
+        save_file(
+            {n: p.detach().clone() for n, p in self.named_parameters()},
+            str(Path(directory) / "w.safetensors"),
+        )
+
+
+def test_guard_on_a_plain_trainer_keeps_the_weights_of_the_step_before(tmp_path):
+    """NonFiniteGuard as an ordinary trainer callback: batch 3's loss is nan, so fit stops at step 3
+    and last_good holds w_2, the weights after two SGD updates, computed here by a plain loop."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_unlearn.callbacks.nonfinite import NonFiniteGuard
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 2, generator=generator), torch.randn(8, 1, generator=generator)
+    torch.manual_seed(0)
+    module = _Line(nan_at=3)
+    start = {n: p.detach().clone() for n, p in module.layer.named_parameters()}
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[NonFiniteGuard()],
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLoss) as caught:
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=2))
+    assert (caught.value.step, caught.value.last_good_step) == (3, 2)
+    assert caught.value.directory == tmp_path / "last_good"
+
+    hand = torch.nn.Linear(2, 1)
+    hand.load_state_dict(start)
+    sgd = torch.optim.SGD(hand.parameters(), lr=0.1)
+    states = []
+    for i in range(3):  # w_1, w_2, w_3
+        sgd.zero_grad()
+        (hand(x[2 * i : 2 * i + 2]) - y[2 * i : 2 * i + 2]).pow(2).mean().backward()
+        sgd.step()
+        states.append({f"layer.{n}": p.detach().clone() for n, p in hand.named_parameters()})
+    saved = load_file(str(tmp_path / "last_good" / "w.safetensors"))
+    assert _equal(saved, states[1]) and not _equal(saved, states[2])
+    live = {n: p.detach() for n, p in module.named_parameters()}
+    assert _equal(live, states[1]), "the live model is rolled back from w_3 to w_2"

@@ -10,7 +10,7 @@ from helpers import sgd_step
 
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.losses import sequence_logprob
-from lightning_unlearn.models import LoraSpec
+from lightning_unlearn.models import LoraSpec, load_model
 from lightning_unlearn.objectives import NPO, GradDiff
 
 pytestmark = pytest.mark.usefixtures("no_logging")
@@ -92,3 +92,42 @@ def test_fit_builds_the_cache_over_several_batches_under_autocast(tiny_spec, unl
         cache, expected.reference_cache["forget"]
     )
     torch.testing.assert_close(cache, expected.reference_cache["forget"], rtol=2e-2, atol=0.5)
+
+
+def _hand_logprob(model: torch.nn.Module, sub: dict) -> torch.Tensor:
+    """sum_t log softmax(logits_t)[labels_{t+1}] over label tokens, from the dense forward."""
+    with torch.no_grad():
+        logits = model(input_ids=sub["input_ids"], attention_mask=sub["attention_mask"]).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    targets = sub["labels"][:, 1:]
+    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (picked * (targets != -100)).sum(-1)
+
+
+@pytest.mark.parametrize(
+    ("policy", "adapter"),
+    [
+        ("copy", None),
+        ("cached", None),
+        ("adapter_off", LoraSpec(r=4, alpha=8)),
+        ("cached", LoraSpec(r=4, alpha=8)),
+    ],
+    ids=["copy", "cached_full", "adapter_off", "cached_lora"],
+)
+def test_each_reference_object_scores_the_target_as_it_was(tiny_spec, unlearning_data, policy, adapter):
+    """After the weights have moved, every policy's sequence log-probs are still those of a dense
+    forward of the starting model (built here from the same seed), and no longer the live model's."""
+    npo = _npo(tiny_spec, adapter=adapter, reference=policy)
+    torch.manual_seed(0)
+    target = load_model(tiny_spec).eval()
+    if policy == "cached":
+        npo.build_reference_cache(unlearning_data)
+    batches = list(unlearning_data.train_dataloader())
+    for batch in batches[:2]:
+        sgd_step(npo, batch)
+    forget = batches[0]["forget"]
+    want = _hand_logprob(target, forget)
+    torch.testing.assert_close(npo.reference_logprob("forget", forget), want, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(_hand_logprob(npo.model, forget), want, rtol=1e-3, atol=1e-2), (
+        "weights must move"
+    )

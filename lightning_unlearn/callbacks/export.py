@@ -7,7 +7,8 @@ from lightning import Callback, LightningModule, Trainer
 
 class ExportModel(Callback):
     """Write ``pl_module.export(dirpath, merge)`` at the end of fit, with the tokenizer: every rank
-    takes part (a sharded model is gathered), global rank 0 writes.
+    takes part (a sharded model is gathered), global rank 0 writes (``lightning_unlearn.export``
+    decides the directory's layout).
 
     Args:
         dirpath: output directory, replaced atomically.

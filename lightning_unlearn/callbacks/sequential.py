@@ -63,6 +63,7 @@ from lightning_unlearn.callbacks.evaluation import UnlearningEvaluation
 from lightning_unlearn.callbacks.sequential_interface import AdapterObjective, RequestData, require
 from lightning_unlearn.data.records import load_records
 from lightning_unlearn.errors import UserError
+from lightning_unlearn.export import write_model
 from lightning_unlearn.io import atomic_directory, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality, forget_truth_ratio
 from lightning_unlearn.report import Report
@@ -420,7 +421,7 @@ class SequentialForgetting(Callback):
         request_dir = self.dirpath / "requests" / str(k)
         if trainer.is_global_zero:
             with atomic_directory(request_dir) as tmp:
-                pl_module.model.save_pretrained(tmp, state_dict=adapter)
+                write_model(tmp, pl_module.model, state_dict=adapter)
                 save_grams(tmp / "grams.safetensors", grams)
                 request = {**asdict(self.requests[k]), "index": k, "sha256": records_hash(self.records[k])}
                 write_text_atomic(tmp / "request.json", json.dumps(request, indent=1) + "\n")

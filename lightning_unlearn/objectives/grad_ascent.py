@@ -29,9 +29,9 @@ class GradDiff(GradAscent):
     def __init__(self, *args, retain_weight: float = 1.0, retain_loss_type: str = "nll", **kwargs) -> None:
         if retain_loss_type not in ("nll", "kl"):
             raise UserError(f"retain_loss_type must be 'nll' or 'kl', got {retain_loss_type!r}")
-        self.uses_reference = retain_loss_type == "kl"
         super().__init__(*args, retain_weight=retain_weight, **kwargs)
         self.retain_loss_type = retain_loss_type
+        self.uses_reference = retain_loss_type == "kl"
 
     def retain_loss(self, batch: dict) -> Tensor:
         if self.retain_loss_type == "nll":

@@ -37,7 +37,7 @@ from lightning_unlearn.influence import (
     influence_delta,
 )
 from lightning_unlearn.models import ModelSpec, load_adapter, load_model
-from lightning_unlearn.objectives.base import UnlearningObjective
+from lightning_unlearn.objectives.adapted import AdaptedModel
 
 # Options the step supplies itself, so a config may not set them.
 RESERVED_OPTIONS = ("on_step", "batch_hvps")
@@ -63,7 +63,7 @@ class _Progress:
         self.bar.close()
 
 
-class InfluenceStep(UnlearningObjective):
+class InfluenceStep(AdaptedModel):
     """theta = theta_hat + (H + damping I)^-1 b on a fine-tuned LoRA adapter, for one edit.
 
     Args:
@@ -106,7 +106,7 @@ class InfluenceStep(UnlearningObjective):
         solver_options: dict[str, Any] | None = None,
         out_dir: str | None = None,
     ) -> None:
-        super().__init__(model=model)
+        super().__init__(model)
         self.automatic_optimization = False
         if edit is not None and edit not in EDIT_KINDS:
             raise UserError(f"edit must be one of {', '.join(EDIT_KINDS)}, got {edit!r}")

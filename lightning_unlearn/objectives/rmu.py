@@ -70,10 +70,10 @@ class RMU(UnlearningObjective):
             raise UserError(f"RMU: layer must be a non-negative decoder layer index, got {layer}")
         if steering_coeff <= 0:
             raise UserError(f"RMU: steering_coeff must be positive, got {steering_coeff}")
-        self.uses_reference = retain_loss_type == "embed_diff"
         super().__init__(*args, **kwargs)
         self.layer, self.steering_coeff = layer, steering_coeff
         self.retain_loss_type, self.seed = retain_loss_type, seed
+        self.uses_reference = retain_loss_type == "embed_diff"
         self.register_buffer("steering_vector", None)  # u, drawn in configure_model (needs the width)
 
     def configure_model(self) -> None:
@@ -133,12 +133,8 @@ class RMU(UnlearningObjective):
     def reference_layer_output(self, sub_batch: dict[str, Tensor]) -> Tensor:
         """``layer_output`` of the model as it was before unlearning (see ``reference_logits``): the
         frozen copy, or the same weights with the adapter disabled."""
-        if self.reference_model is not None:
-            return self.layer_output(sub_batch, self.reference_model)
-        if self.adapter_spec is None:
-            raise RuntimeError(f"RMU: the '{self.reference_policy}' reference has no hidden states")
-        with self.model.disable_adapter():
-            return self.layer_output(sub_batch)
+        with self._reference.frozen(self) as model:
+            return self.layer_output(sub_batch, model)
 
     def forget_loss(self, batch: dict) -> Tensor:
         forget = batch["forget"]
