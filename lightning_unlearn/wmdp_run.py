@@ -190,11 +190,10 @@ class WmdpRun:
                 model, load_spec_tokenizer(spec), questions, self.eval_batch_size, self.eval_max_length
             )
         reports[name] = self._score(unlearned, questions)
-        self._write(reports, start)
+        self._write(reports, [f"{name}_accuracy" for name in questions], start)
         return reports
 
-    def _write(self, reports: dict[str, Report], start: float) -> None:
-        columns = [c for c in reports[next(iter(reports))].metrics if c.count("_") == 1]  # <set>_accuracy
+    def _write(self, reports: dict[str, Report], columns: list[str], start: float) -> None:
         table = metrics_table({n: r.metrics for n, r in reports.items()}, columns)
         write_text_atomic(
             self.run_dir / "report.json",

@@ -174,3 +174,27 @@ def test_demo_runner(tmp_path):
     assert again.metrics["mmlu_accuracy"] == pytest.approx(saved["rmu"]["metrics"]["mmlu_accuracy"])
     before, after = reports["finetuned"].metrics, reports["rmu"].metrics
     assert before["wmdp_accuracy"] > 0.9 and after["wmdp_accuracy"] < before["wmdp_accuracy"] - 0.3
+
+
+def test_corpus_batches_label_every_token(choice_world, tmp_path):
+    """RMU's corpora: every real token of a text is a label (truncated to max_length), padding is
+    not; a row without its text field is named."""
+    from lightning_unlearn.data.corpora import Corpus, CorpusUnlearningDataModule
+
+    corpora = choice_world / "corpora"
+    dm = CorpusUnlearningDataModule(
+        str(choice_world / "tokenizer"), [Corpus(str(corpora / "bio-forget-corpus.json"))],
+        [Corpus(str(corpora / "retain-corpus.json"))], max_length=6, batch_size=3,
+    )  # fmt: skip
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    for sub in (batch["forget"], batch["retain"]):
+        real = sub["attention_mask"].bool()
+        assert sub["input_ids"].shape[1] <= 6
+        assert (
+            torch.equal(sub["labels"][real], sub["input_ids"][real]) and (sub["labels"][~real] == -100).all()
+        )
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_text('{"text": "the pathogen"}\n{"body": "x"}\n')
+    with pytest.raises(UserError, match=r"corpus.jsonl: row 2: expected an object with a text field 'text'"):
+        Corpus(str(bad)).texts()
