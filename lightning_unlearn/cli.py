@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lightning_unlearn.errors import find_user_error
 
-USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,sweep,evaluate} [--config FILE] [--print_config] [--help]
+USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,sweep,evaluate,wmdp} [--config FILE] [--print_config] [--help]
 
   fit / validate / test   LightningCLI over an UnlearningObjective and a DataModule
   protocol                fine-tune target and retain models, unlearn with each objective,
@@ -23,6 +23,8 @@ USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,sweep,evaluate} 
                           resumable; runs/<name>/sweep.json, sweep.md, pareto.png, best/
   evaluate                the evaluation suite on one saved model (or base model + adapter):
                           report.json, report.md, truth_ratios.png in --out_dir
+  wmdp                    unlearn a domain from corpora (RMU), score WMDP and MMLU multiple
+                          choice before and after: runs/<name>/report.json
 """
 
 
@@ -95,6 +97,20 @@ def evaluate_main(argv: list[str]) -> None:
     print(f"report: {Path(command.out_dir) / 'report.json'}")
 
 
+def build_wmdp(argv: list[str]):
+    """The ``WmdpRun`` a ``wmdp`` command line describes, built but not run."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lightning_unlearn.wmdp_run import WmdpRun
+
+    parser = ArgumentParser(prog="lightning-unlearn wmdp", description=WmdpRun.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML (see configs/wmdp_demo.yaml)")
+    parser.add_class_arguments(WmdpRun, None, as_group=False)
+    init = parser.instantiate(parser.parse_args(argv)).as_dict()
+    init.pop("config", None)
+    return WmdpRun(**init)
+
+
 def lightning_main(argv: list[str] | None, run: bool = True):
     """LightningCLI over every objective and data module; ``run=False`` only builds them (tests)."""
     from lightning import LightningDataModule
@@ -155,6 +171,8 @@ def _run(argv: list[str]) -> None:
             sweep_main(argv[1:])
         elif argv[0] == "evaluate":
             evaluate_main(argv[1:])
+        elif argv[0] == "wmdp":
+            build_wmdp(argv[1:]).run()
         else:
             lightning_main(None if argv == sys.argv[1:] else argv)
     except Exception as err:  # a UserError, or one jsonargparse re-raised while building the config

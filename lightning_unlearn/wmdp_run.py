@@ -1,0 +1,206 @@
+"""``lightning-unlearn wmdp``: unlearn a hazardous domain with corpora and measure it on WMDP and MMLU.
+
+Steps, each model written atomically and kept by a rerun of the same command:
+1. data: the generated miniature set (``synthetic``, ``data/synthetic_choice.py``) or the hub's;
+2. ``finetune`` (optional): fine-tune the base model on text corpora into the target (the demo
+   builds a tiny target that knows both domains; a real run starts from a pretrained model);
+3. ``unlearn``: the objective (RMU in the configs) on the forget corpora, held by the retain corpora;
+4. score the target and the unlearned model on every question set (``wmdp.evaluate``) and write
+   ``<out_dir>/<name>/report.json`` (one entry per model) and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_unlearn import wmdp
+from lightning_unlearn.data.corpora import Corpus, CorpusUnlearningDataModule, TextDataModule
+from lightning_unlearn.data.datamodule import check_at_least
+from lightning_unlearn.data.synthetic_choice import ChoiceWorldConfig, make_choice_world
+from lightning_unlearn.errors import UserError
+from lightning_unlearn.io import write_text_atomic
+from lightning_unlearn.models import ModelSpec, load_model, load_spec_tokenizer
+from lightning_unlearn.objectives import FineTune, UnlearningObjective
+from lightning_unlearn.quiet import quiet_libraries
+from lightning_unlearn.report import Report, metrics_table
+from lightning_unlearn.safe_load import SafeTrainer
+
+SYNTHETIC = "synthetic"
+
+
+@dataclass
+class TrainStage:
+    """An objective (its ``model`` is filled in by the run), epochs or steps, batch size and
+    extra Trainer arguments (``max_steps`` > 0 stops earlier than ``max_epochs``, as WMDP's RMU
+    stops after ``max_num_batches``)."""
+
+    objective: UnlearningObjective = field(default_factory=FineTune)
+    max_epochs: int = 1
+    max_steps: int = -1
+    batch_size: int = 4
+    retain_per_forget: int = 1
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_at_least(1, "stage", max_epochs=self.max_epochs, batch_size=self.batch_size)
+        check_at_least(1, "stage", retain_per_forget=self.retain_per_forget)
+
+
+@dataclass
+class WmdpData:
+    """Where corpora and questions come from. ``source: synthetic`` generates the miniature set
+    from ``world`` and fills every unset role from it; otherwise each role names its own hub id or
+    local copy (``configs/wmdp/rmu.yaml``)."""
+
+    source: str = SYNTHETIC
+    world: ChoiceWorldConfig = field(default_factory=ChoiceWorldConfig)
+    finetune: list[Corpus] = field(default_factory=list)
+    forget: list[Corpus] = field(default_factory=list)
+    retain: list[Corpus] = field(default_factory=list)
+    questions: dict[str, wmdp.QuestionSet] = field(default_factory=dict)
+    max_length: int = 512
+
+    def __post_init__(self) -> None:
+        check_at_least(2, "data", max_length=self.max_length)
+
+    def resolved(self, run_dir: Path) -> WmdpData:
+        """These settings with the generated set's files for every unset role."""
+        if self.source != SYNTHETIC:
+            if not (self.forget and self.retain):
+                raise UserError(
+                    "data.forget and data.retain must name corpora unless data.source is synthetic"
+                )
+            return dataclasses.replace(self, questions=self.questions or wmdp.default_question_sets())
+        root = make_choice_world(run_dir / "world", self.world)
+        defaults = {
+            "finetune": [Corpus(str(root / "train.json"))],
+            "forget": [Corpus(str(root / "corpora" / "bio-forget-corpus.json"))],
+            "retain": [Corpus(str(root / "corpora" / "retain-corpus.json"))],
+            "questions": {
+                "wmdp": wmdp.QuestionSet(str(root / "wmdp"), "wmdp-bio"),
+                "mmlu": wmdp.QuestionSet(str(root / "mmlu"), "all"),
+            },
+        }
+        return dataclasses.replace(self, **{k: getattr(self, k) or v for k, v in defaults.items()})
+
+
+class WmdpRun:
+    """Fine-tune (optional), unlearn and score on WMDP-style question sets; see the module docstring.
+
+    Args:
+        name: the run's directory under ``out_dir``.
+        model: the base model (built from a config, with the generated tokenizer, for the demo).
+        unlearn: the unlearning stage.
+        finetune: fine-tune the base model on ``data.finetune`` first; None unlearns ``model`` itself.
+        eval_batch_size / eval_max_length: the scorer's forward rows and left-truncation length.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: ModelSpec,
+        unlearn: TrainStage,
+        finetune: TrainStage | None = None,
+        data: WmdpData | None = None,
+        trainer: dict[str, Any] | None = None,
+        out_dir: str = "runs",
+        seed: int = 0,
+        eval_batch_size: int = 16,
+        eval_max_length: int = 2048,
+    ) -> None:
+        check_at_least(1, "wmdp", eval_batch_size=eval_batch_size)
+        check_at_least(2, "wmdp", eval_max_length=eval_max_length)
+        self.name, self.base, self.unlearn, self.finetune = name, model, unlearn, finetune
+        self.data = data or WmdpData()
+        self.trainer_args = dict(trainer or {})
+        self.run_dir = Path(out_dir) / name
+        self.seed, self.eval_batch_size, self.eval_max_length = seed, eval_batch_size, eval_max_length
+
+    def _train(self, stage_name: str, stage: TrainStage, spec: ModelSpec, datamodule) -> Path:
+        directory = self.run_dir / "models" / stage_name
+        if directory.is_dir():  # exported atomically: a rerun keeps it
+            print(f"[{self.name}] {stage_name}: done before, kept", flush=True)
+            return directory
+        print(f"[{self.name}] {stage_name}: training {type(stage.objective).__name__}", flush=True)
+        L.seed_everything(self.seed, verbose=False)
+        objective = copy.deepcopy(stage.objective)
+        objective.model_spec = spec
+        args = {
+            "accelerator": "cpu", "devices": 1, "enable_checkpointing": False, "enable_model_summary": False,
+            "log_every_n_steps": 5, "limit_val_batches": 0, **self.trainer_args, **stage.trainer,
+        }  # fmt: skip
+        trainer = SafeTrainer(
+            max_epochs=stage.max_epochs,
+            max_steps=stage.max_steps,
+            logger=CSVLogger(self.run_dir / "logs", name=stage_name, version=0),
+            **args,
+        )
+        trainer.fit(objective, datamodule=datamodule)
+        return objective.export(directory)
+
+    def _score(self, model_dir: Path, questions: dict[str, list[dict]]) -> Report:
+        spec = ModelSpec(path=str(model_dir), dtype=self.base.dtype)
+        tokenizer, model = load_spec_tokenizer(spec), load_model(spec).eval()
+        report = wmdp.evaluate(model, tokenizer, questions, self.eval_batch_size, self.eval_max_length)
+        report.settings["model_dir"] = str(model_dir)
+        return report
+
+    def run(self) -> dict[str, Report]:
+        with quiet_libraries():
+            return self._run()
+
+    def _run(self) -> dict[str, Report]:
+        start = time.perf_counter()
+        data = self.data.resolved(self.run_dir)
+        base = self.base
+        if data.source == SYNTHETIC and base.config is not None and base.tokenizer is None:
+            base = dataclasses.replace(base, tokenizer=str(self.run_dir / "world" / "tokenizer"))
+        questions = {name: q.load() for name, q in data.questions.items()}
+        if self.finetune is not None:
+            if not data.finetune:
+                raise UserError("finetune is set but data.finetune names no corpus")
+            dm = TextDataModule(
+                base.tokenizer_path, data.finetune, data.max_length, self.finetune.batch_size, seed=self.seed
+            )
+            target = self._train("finetuned", self.finetune, base, dm)
+            target_spec = ModelSpec(path=str(target), dtype=base.dtype)
+        else:
+            target, target_spec = None, base
+        dm = CorpusUnlearningDataModule(
+            target_spec.tokenizer_path, data.forget, data.retain, data.max_length, self.unlearn.batch_size,
+            self.unlearn.retain_per_forget, seed=self.seed,
+        )  # fmt: skip
+        name = type(self.unlearn.objective).__name__.lower()
+        unlearned = self._train(name, self.unlearn, target_spec, dm)
+        reports = {}
+        if target is not None:
+            reports["finetuned"] = self._score(target, questions)
+        else:
+            spec, model = target_spec, load_model(target_spec).eval()
+            reports["base"] = wmdp.evaluate(
+                model, load_spec_tokenizer(spec), questions, self.eval_batch_size, self.eval_max_length
+            )
+        reports[name] = self._score(unlearned, questions)
+        self._write(reports, [f"{name}_accuracy" for name in questions], start)
+        return reports
+
+    def _write(self, reports: dict[str, Report], columns: list[str], start: float) -> None:
+        table = metrics_table({n: r.metrics for n, r in reports.items()}, columns)
+        write_text_atomic(
+            self.run_dir / "report.json",
+            json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=1) + "\n",
+        )
+        write_text_atomic(self.run_dir / "report.md", table + "\n")
+        print(table)
+        print(
+            f"[{self.name}] done in {time.perf_counter() - start:.0f} s; report: {self.run_dir / 'report.json'}"
+        )
