@@ -31,7 +31,7 @@ from lightning_unlearn.objectives.rmu import RMU
 from lightning_unlearn.objectives.undial import UNDIAL
 
 LN = math.log
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tofu"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tofu"
 
 
 # -- helpers (as in test_objectives.py) ------------------------------------------------------------

@@ -24,7 +24,7 @@ from test_preemption import preempted_line, signal_at
 from lightning_unlearn.adapters import load_factors
 from lightning_unlearn.data.tofu import load_split
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # helpers.py, conftest.py
 
 
 SGD = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}}

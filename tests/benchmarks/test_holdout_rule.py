@@ -5,7 +5,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from holdout_rule import agreement  # noqa: E402  (a script, not a package)
 
 

@@ -14,7 +14,7 @@ from lightning_unlearn.data.tofu import load_split
 from lightning_unlearn.data.tokenizer import load_tokenizer
 from lightning_unlearn.errors import UserError
 
-TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
+TOFU = Path(__file__).resolve().parents[3] / "shared" / "data" / "tofu"
 needs_tofu = pytest.mark.skipif(not TOFU.is_dir(), reason="../shared/data/tofu not present")
 
 

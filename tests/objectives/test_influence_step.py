@@ -32,7 +32,7 @@ from lightning_unlearn.influence import Edit, influence_delta, per_example_loss,
 from lightning_unlearn.models import LoraSpec, ModelSpec, attach_lora, load_adapter, load_model
 from lightning_unlearn.objectives import InfluenceStep
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "influence"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "influence"
 DAMPING = 1.0  # the fine-tuning L2 penalty, and the damping of every step
 N_TRAIN = 16
 REMOVED = [0, 5]  # rows of the training set removed

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
 PEAK_TFLOPS = 2.0  # a stand-in peak so the CPU run reports an MFU to check
 SMOKE_IDS = {

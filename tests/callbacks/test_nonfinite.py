@@ -149,7 +149,7 @@ def test_switched_off_the_nan_reaches_the_weights(tmp_path, tiny_spec, world_dir
 
 def _cli_env() -> dict[str, str]:
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
     return env
 
 
