@@ -74,18 +74,24 @@ def sweep_main(argv: list[str]) -> None:
     build_sweep(argv).run()
 
 
-def build_evaluate(argv: list[str]):
-    """The ``EvaluateCommand`` an ``evaluate`` command line describes (its checks done), not run."""
+def _build_command(cls: type, argv: list[str], prog: str, config_help: str):
+    """``cls`` built from a command line of its init arguments and ``--config`` YAML files, with
+    jsonargparse's checks done; not run."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from lightning_unlearn.evaluate import EvaluateCommand
-
-    parser = ArgumentParser(prog="lightning-unlearn evaluate", description=EvaluateCommand.__doc__)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML with any of the options below")
-    parser.add_class_arguments(EvaluateCommand, None, as_group=False)
+    parser = ArgumentParser(prog=f"lightning-unlearn {prog}", description=cls.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help=config_help)
+    parser.add_class_arguments(cls, None, as_group=False)
     init = parser.instantiate(parser.parse_args(argv)).as_dict()
     init.pop("config", None)
-    return EvaluateCommand(**init)
+    return cls(**init)
+
+
+def build_evaluate(argv: list[str]):
+    """The ``EvaluateCommand`` an ``evaluate`` command line describes (its checks done), not run."""
+    from lightning_unlearn.evaluate import EvaluateCommand
+
+    return _build_command(EvaluateCommand, argv, "evaluate", "YAML with any of the options below")
 
 
 def evaluate_main(argv: list[str]) -> None:
@@ -99,16 +105,9 @@ def evaluate_main(argv: list[str]) -> None:
 
 def build_wmdp(argv: list[str]):
     """The ``WmdpRun`` a ``wmdp`` command line describes, built but not run."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     from lightning_unlearn.wmdp_run import WmdpRun
 
-    parser = ArgumentParser(prog="lightning-unlearn wmdp", description=WmdpRun.__doc__)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML (see configs/wmdp_demo.yaml)")
-    parser.add_class_arguments(WmdpRun, None, as_group=False)
-    init = parser.instantiate(parser.parse_args(argv)).as_dict()
-    init.pop("config", None)
-    return WmdpRun(**init)
+    return _build_command(WmdpRun, argv, "wmdp", "YAML (see configs/wmdp_demo.yaml)")
 
 
 def lightning_main(argv: list[str] | None, run: bool = True):

@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torchmetrics.aggregation import CatMetric
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
@@ -25,7 +24,7 @@ from lightning_unlearn.data.collate import pad_batch
 from lightning_unlearn.data.formatting import PromptFormat, encode, encode_prompt
 from lightning_unlearn.data.records import validate_record
 from lightning_unlearn.data.tofu import load_split
-from lightning_unlearn.distributed import shard_indices
+from lightning_unlearn.distributed import gather_rows, shard_indices
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.logits import decoder_and_head, soft_capped
 from lightning_unlearn.losses import IGNORE_INDEX, mean_token_nll
@@ -107,17 +106,6 @@ def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _gather_rows(index: list[int], rows: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    """Every rank's per-sample rows, gathered with torchmetrics and put back in split order."""
-    positions = CatMetric(nan_strategy="disable").to(device)
-    values = CatMetric(nan_strategy="disable").to(device)
-    positions.update(torch.tensor(index, dtype=torch.float32, device=device))
-    values.update(rows.to(device))
-    full = torch.full((n, rows.size(1)), math.nan)
-    full[positions.compute().long().cpu()] = values.compute().cpu()  # padding rows repeat a value
-    return full
 
 
 def answer_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +253,7 @@ class Evaluator:
         columns = [row + [math.nan] * (width - len(row)) for row in nll]
         names = sorted(extra)
         table = torch.tensor([c + [extra[n][j] for n in names] for j, c in enumerate(columns)])
-        full = _gather_rows(shard, table, len(records), next(model.parameters()).device)
+        full = gather_rows(shard, table, len(records), next(model.parameters()).device)
         nll_all = [full[i, : len(variants[i])].tolist() for i in range(len(records))]
         return nll_all, {n: full[:, width + k].tolist() for k, n in enumerate(names)}
 

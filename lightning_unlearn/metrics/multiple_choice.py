@@ -33,11 +33,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torchmetrics.aggregation import CatMetric
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from lightning_unlearn.distributed import shard_indices
+from lightning_unlearn.distributed import gather_rows, shard_indices
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.logits import decoder_and_head, soft_capped
 
@@ -151,7 +150,7 @@ class MultipleChoiceScorer:
         else:
             shard = shard_indices(len(questions), rank, world)
             local = self._score_local(model, [questions[i] for i in shard], desc)
-            table = _gather(shard, local, len(questions), next(model.parameters()).device)
+            table = gather_rows(shard, local, len(questions), next(model.parameters()).device)
         loglik = [row[: len(q["choices"])].tolist() for row, q in zip(table, questions, strict=True)]
         predictions = [max(range(len(row)), key=lambda k, row=row: (row[k], -k)) for row in loglik]
         return ChoiceScores(
@@ -218,14 +217,3 @@ class MultipleChoiceScorer:
             return value
 
         return [summed(logprobs[r]) for r in range(len(keys))]
-
-
-def _gather(index: list[int], rows: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
-    """Every rank's rows put back in question order (torchmetrics' CatMetric gathers them)."""
-    positions = CatMetric(nan_strategy="disable").to(device)
-    values = CatMetric(nan_strategy="disable").to(device)
-    positions.update(torch.tensor(index, dtype=torch.float32, device=device))
-    values.update(rows.to(device))
-    full = torch.full((n, rows.size(1)), math.nan)
-    full[positions.compute().long().cpu()] = values.compute().cpu()
-    return full
