@@ -34,6 +34,9 @@ def test_known_notices_are_dropped_and_real_warnings_kept():
             rank_zero_warn(
                 "`LightningModule.configure_optimizers` returned `None`, this fit will run with no optimizer"
             )
+            rank_zero_warn(
+                "InfluenceStep: no out_dir set, so the edited adapter is only in memory (export it)"
+            )
             rank_zero_warn("The loss is NaN at step 3")
             warnings.warn("a user's own warning", UserWarning, stacklevel=1)
         rank_zero_warn("You defined a `validation_step` but have no `val_dataloader`. Skipping val loop.")
