@@ -213,3 +213,14 @@ def test_demo_runner(tmp_path):
     assert (tmp_path / "muse_demo" / "models" / "npo").stat().st_mtime_ns == stamp
     with pytest.raises(UserError, match="exactly one of retrain, retrain_model and retrain_auc"):
         build_muse(["--config", str(tmp_path / "demo.yaml"), "--retrain", "null"])
+
+
+@pytest.mark.parametrize("config", sorted(Path("configs/muse").glob("*.yaml")), ids=lambda p: p.stem)
+def test_real_model_configs_build(config):
+    """The hub configs parse into a run (nothing is downloaded until it runs)."""
+    from lightning_unlearn.cli import build_muse
+
+    run = build_muse(["--config", str(config)])
+    spec = yaml.safe_load(config.read_text())
+    assert list(run.unlearn) == list(spec["unlearn"]) and run.retrain_auc == spec["retrain_auc"]
+    assert run.data.source == spec["data"]["source"] and run.base.path == spec["model"]["path"]
