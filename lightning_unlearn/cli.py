@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lightning_unlearn.errors import find_user_error
 
-USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,sweep,evaluate,wmdp} [--config FILE] [--print_config] [--help]
+USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,sweep,evaluate,wmdp,muse} [--config FILE] [--print_config] [--help]
 
   fit / validate / test   LightningCLI over an UnlearningObjective and a DataModule
   protocol                fine-tune target and retain models, unlearn with each objective,
@@ -25,6 +25,8 @@ USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,sweep,evaluate,w
                           report.json, report.md, truth_ratios.png in --out_dir
   wmdp                    unlearn a domain from corpora (RMU), score WMDP and MMLU multiple
                           choice before and after: runs/<name>/report.json
+  muse                    unlearn documents (MUSE-News/Books or a generated miniature), score
+                          VerbMem, KnowMem and PrivLeak per model: runs/<name>/report.json
 """
 
 
@@ -110,6 +112,13 @@ def build_wmdp(argv: list[str]):
     return _build_command(WmdpRun, argv, "wmdp", "YAML (see configs/wmdp_demo.yaml)")
 
 
+def build_muse(argv: list[str]):
+    """The ``MuseRun`` a ``muse`` command line describes, built but not run."""
+    from lightning_unlearn.muse_run import MuseRun
+
+    return _build_command(MuseRun, argv, "muse", "YAML (see configs/muse_demo.yaml)")
+
+
 def lightning_main(argv: list[str] | None, run: bool = True):
     """LightningCLI over every objective and data module; ``run=False`` only builds them (tests)."""
     from lightning import LightningDataModule
@@ -172,6 +181,8 @@ def _run(argv: list[str]) -> None:
             evaluate_main(argv[1:])
         elif argv[0] == "wmdp":
             build_wmdp(argv[1:]).run()
+        elif argv[0] == "muse":
+            build_muse(argv[1:]).run()
         else:
             lightning_main(None if argv == sys.argv[1:] else argv)
     except Exception as err:  # a UserError, or one jsonargparse re-raised while building the config

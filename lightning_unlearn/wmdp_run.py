@@ -11,16 +11,12 @@ Steps, each model written atomically and kept by a rerun of the same command:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import lightning as L
-from lightning.pytorch.loggers import CSVLogger
 
 from lightning_unlearn import wmdp
 from lightning_unlearn.data.corpora import Corpus, CorpusUnlearningDataModule, TextDataModule
@@ -29,30 +25,11 @@ from lightning_unlearn.data.synthetic_choice import ChoiceWorldConfig, make_choi
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import write_text_atomic
 from lightning_unlearn.models import ModelSpec, load_model, load_spec_tokenizer
-from lightning_unlearn.objectives import FineTune, UnlearningObjective
 from lightning_unlearn.quiet import quiet_libraries
 from lightning_unlearn.report import Report, metrics_table
-from lightning_unlearn.safe_load import SafeTrainer
+from lightning_unlearn.train_stage import TrainStage, train_stage
 
 SYNTHETIC = "synthetic"
-
-
-@dataclass
-class TrainStage:
-    """An objective (its ``model`` is filled in by the run), epochs or steps, batch size and
-    extra Trainer arguments (``max_steps`` > 0 stops earlier than ``max_epochs``, as WMDP's RMU
-    stops after ``max_num_batches``)."""
-
-    objective: UnlearningObjective = field(default_factory=FineTune)
-    max_epochs: int = 1
-    max_steps: int = -1
-    batch_size: int = 4
-    retain_per_forget: int = 1
-    trainer: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_at_least(1, "stage", max_epochs=self.max_epochs, batch_size=self.batch_size)
-        check_at_least(1, "stage", retain_per_forget=self.retain_per_forget)
 
 
 @dataclass
@@ -126,26 +103,7 @@ class WmdpRun:
         self.seed, self.eval_batch_size, self.eval_max_length = seed, eval_batch_size, eval_max_length
 
     def _train(self, stage_name: str, stage: TrainStage, spec: ModelSpec, datamodule) -> Path:
-        directory = self.run_dir / "models" / stage_name
-        if directory.is_dir():  # exported atomically: a rerun keeps it
-            print(f"[{self.name}] {stage_name}: done before, kept", flush=True)
-            return directory
-        print(f"[{self.name}] {stage_name}: training {type(stage.objective).__name__}", flush=True)
-        L.seed_everything(self.seed, verbose=False)
-        objective = copy.deepcopy(stage.objective)
-        objective.model_spec = spec
-        args = {
-            "accelerator": "cpu", "devices": 1, "enable_checkpointing": False, "enable_model_summary": False,
-            "log_every_n_steps": 5, "limit_val_batches": 0, **self.trainer_args, **stage.trainer,
-        }  # fmt: skip
-        trainer = SafeTrainer(
-            max_epochs=stage.max_epochs,
-            max_steps=stage.max_steps,
-            logger=CSVLogger(self.run_dir / "logs", name=stage_name, version=0),
-            **args,
-        )
-        trainer.fit(objective, datamodule=datamodule)
-        return objective.export(directory)
+        return train_stage(self.run_dir, stage_name, stage, spec, datamodule, self.seed, self.trainer_args)
 
     def _score(self, model_dir: Path, questions: dict[str, list[dict]]) -> Report:
         spec = ModelSpec(path=str(model_dir), dtype=self.base.dtype)

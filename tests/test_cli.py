@@ -128,8 +128,10 @@ def test_idk_objectives_get_builtin_refusals_unless_the_data_names_a_file(tmp_pa
 
 
 PROTOCOL_CONFIGS = sorted(
-    p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml") if not p.stem.startswith("wmdp")
-)  # configs/wmdp_demo.yaml is the `wmdp` command's (built in test_multiple_choice.py)
+    p
+    for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
+    if not p.stem.startswith(("wmdp", "muse"))
+)  # wmdp_demo.yaml and muse_demo.yaml belong to their commands (test_multiple_choice.py, test_muse.py)
 
 
 @pytest.mark.parametrize("config", PROTOCOL_CONFIGS, ids=lambda p: p.stem)
