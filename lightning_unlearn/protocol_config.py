@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse.typing import register_type
 
 from lightning_unlearn.errors import UserError, find_user_error
 from lightning_unlearn.protocol import Protocol, Stage
@@ -27,6 +28,30 @@ from lightning_unlearn.trainer_args import jsonargparse_problem
 
 STAGES = "finetune", "objectives"
 EXPORT_MODEL = "lightning_unlearn.callbacks.export.ExportModel"
+
+
+class StageEntry:
+    """A stage's mapping as written, kept unparsed (jsonargparse would build the ``class_path``
+    specs inside a plain mapping) until a fit config it names is merged in."""
+
+    def __init__(self, value: dict[str, Any]) -> None:
+        self.value = value
+
+
+def _stage_entry(value: Any) -> StageEntry:
+    if isinstance(value, StageEntry):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"a stage is a mapping of settings, got {value!r}")
+    return StageEntry(value)
+
+
+def _written(entry: StageEntry | dict[str, Any]) -> dict[str, Any]:
+    """The mapping as written (a parsed namespace may hand a stage back as it or as its mapping)."""
+    return entry.value if isinstance(entry, StageEntry) else entry
+
+
+register_type(StageEntry, serializer=lambda entry: entry.value, deserializer=_stage_entry)
 
 
 def protocol_parser(exit_on_error: bool = True) -> ArgumentParser:
@@ -45,7 +70,7 @@ def protocol_parser(exit_on_error: bool = True) -> ArgumentParser:
         help="the Stage that builds the target and retain model",
     )
     parser.add_argument(
-        "--objectives", type=dict[str, dict[str, Any]], required=True, help="name -> unlearning Stage"
+        "--objectives", type=dict[str, StageEntry], required=True, help="name -> unlearning Stage"
     )
     return parser
 
@@ -74,14 +99,14 @@ def protocol_from_config(config: dict[str, Any], where: str) -> Protocol:
 
 def _build(parser: ArgumentParser, namespace, where: str) -> Protocol:
     try:
-        init = parser.instantiate_classes(namespace).as_dict()
+        init = parser.instantiate(namespace).as_dict()
     except Exception as err:
         raise UserError(f"{where}: {jsonargparse_problem(err)}") from None
     init.pop("config", None)
     seed = init.get("seed", 0)
-    init["finetune"] = build_stage(init["finetune"], "finetune", where, seed)
+    init["finetune"] = build_stage(_written(init["finetune"]), "finetune", where, seed)
     init["objectives"] = {
-        name: build_stage(entry, f"objectives.{name}", where, seed)
+        name: build_stage(_written(entry), f"objectives.{name}", where, seed)
         for name, entry in init["objectives"].items()
     }
     try:
@@ -99,7 +124,7 @@ def build_stage(entry: dict[str, Any], key: str, where: str, seed: int) -> Stage
         raise UserError(f"{where}: {err}") from None
     parser = _stage_parser()
     try:
-        return parser.instantiate_classes(parser.parse_object({"stage": entry})).stage
+        return parser.instantiate(parser.parse_object({"stage": copy.deepcopy(entry)})).stage
     except Exception as err:
         problem = jsonargparse_problem(err).removeprefix("stage: ").removeprefix("stage.")
         raise UserError(f"{where}: {key}: {problem}") from None

@@ -32,7 +32,7 @@ def trainer_arguments(settings: dict[str, Any], where: str) -> dict[str, Any]:
     spec built anew; ``where`` (e.g. ``objectives.ga.trainer``) starts a refusal."""
     parser = _parser()
     try:
-        built = parser.instantiate_classes(parser.parse_object({"trainer": dict(settings)}, defaults=False))
+        built = parser.instantiate(parser.parse_object({"trainer": dict(settings)}, defaults=False))
     except (ArgumentError, ValueError, TypeError) as err:
         raise UserError(f"{where}: {jsonargparse_problem(err)}") from None
     return dict(built.trainer.items(branches=False)) if built.get("trainer") else {}
