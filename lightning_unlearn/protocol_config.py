@@ -1,6 +1,6 @@
 """A protocol config read in ``fit``'s dialect: jsonargparse over ``Protocol``'s signature and its
-dataclasses (``class_path``/``init_args`` objectives, unknown keys refused by name), and a stage
-(``finetune`` or an ``objectives`` entry) that may name a fit config to take its objective and
+dataclasses (``class_path``/``init_args`` objectives, unknown keys refused by name), and an
+``objectives`` entry that may name a fit config to take its objective and
 Trainer settings from, the entry's own keys on top:
 
     objectives:
@@ -26,7 +26,6 @@ from lightning_unlearn.errors import UserError, find_user_error
 from lightning_unlearn.protocol import Protocol, Stage
 from lightning_unlearn.trainer_args import jsonargparse_problem
 
-STAGES = "finetune", "objectives"
 EXPORT_MODEL = "lightning_unlearn.callbacks.export.ExportModel"
 
 
@@ -55,20 +54,14 @@ register_type(StageEntry, serializer=lambda entry: entry.value, deserializer=_st
 
 
 def protocol_parser(exit_on_error: bool = True) -> ArgumentParser:
-    """The parser of a protocol config: ``--config`` and every ``Protocol`` setting. Stages are
-    read as mappings here and parsed one by one as ``Stage`` (``build_stage``), after a fit
-    config they name is merged in."""
+    """The parser of a protocol config: ``--config`` and every ``Protocol`` setting. The
+    ``objectives`` entries are read as mappings here and parsed one by one as ``Stage``
+    (``build_stage``), after a fit config they name is merged in."""
     parser = ArgumentParser(
         prog="lightning-unlearn protocol", description=Protocol.__doc__, exit_on_error=exit_on_error
     )
     parser.add_argument("--config", action=ActionConfigFile, help="protocol YAML (see configs/demo.yaml)")
-    parser.add_class_arguments(Protocol, None, as_group=False, skip=set(STAGES))
-    parser.add_argument(
-        "--finetune",
-        type=dict[str, Any],
-        required=True,
-        help="the Stage that builds the target and retain model",
-    )
+    parser.add_class_arguments(Protocol, None, as_group=False, skip={"objectives"})
     parser.add_argument(
         "--objectives", type=dict[str, StageEntry], required=True, help="name -> unlearning Stage"
     )
@@ -104,7 +97,6 @@ def _build(parser: ArgumentParser, namespace, where: str) -> Protocol:
         raise UserError(f"{where}: {jsonargparse_problem(err)}") from None
     init.pop("config", None)
     seed = init.get("seed", 0)
-    init["finetune"] = build_stage(_written(init["finetune"]), "finetune", where, seed)
     init["objectives"] = {
         name: build_stage(_written(entry), f"objectives.{name}", where, seed)
         for name, entry in init["objectives"].items()
@@ -156,7 +148,7 @@ def fit_stage(path: str, seed: int) -> dict[str, Any]:
     ``class_path`` and ``init_args`` but its ``model``), ``trainer.max_epochs`` as the stage's,
     the other Trainer settings and callbacks, and the data module's ``batch_size`` and
     ``retain_per_forget``. Supplied by the protocol instead: the model to train (``init_args.
-    model``: the target, or the base model for ``finetune``), the rest of ``data:`` (source,
+    model``: the target), the rest of ``data:`` (source,
     splits, tokenizer, prompt format, refusals), where the model is written (so ``ExportModel``
     callbacks are left out) and the seed. Refused: ``trainer.logger`` (the protocol logs every
     stage), ``seed_everything`` other than the protocol's ``seed``, and ``optimizer``,
