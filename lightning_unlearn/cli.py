@@ -30,28 +30,11 @@ USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,sweep,evaluate,w
 """
 
 
-def protocol_parser(exit_on_error: bool = True):
-    """The parser of a protocol config (``--config`` and every ``Protocol`` setting)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from lightning_unlearn.protocol import Protocol
-
-    parser = ArgumentParser(
-        prog="lightning-unlearn protocol", description=Protocol.__doc__, exit_on_error=exit_on_error
-    )
-    parser.add_argument("--config", action=ActionConfigFile, help="protocol YAML (see configs/demo.yaml)")
-    parser.add_class_arguments(Protocol, None, as_group=False)
-    return parser
-
-
 def build_protocol(argv: list[str]):
     """The ``Protocol`` a ``protocol`` command line describes, built but not run."""
-    from lightning_unlearn.protocol import Protocol
+    from lightning_unlearn.protocol_config import build_protocol as build
 
-    parser = protocol_parser()
-    init = parser.instantiate(parser.parse_args(argv)).as_dict()
-    init.pop("config", None)
-    return Protocol(**init)
+    return build(argv)
 
 
 def build_sweep(argv: list[str]):
@@ -121,39 +104,9 @@ def build_muse(argv: list[str]):
 
 def lightning_main(argv: list[str] | None, run: bool = True):
     """LightningCLI over every objective and data module; ``run=False`` only builds them (tests)."""
-    from lightning import LightningDataModule
+    from lightning_unlearn.objective_cli import ObjectiveCLI, objective_cli_kwargs
 
-    from lightning_unlearn.objectives.adapted import AdaptedModel
-    from lightning_unlearn.resume import UnlearnCLI
-
-    class ObjectiveCLI(UnlearnCLI):
-        def instantiate_classes(self) -> None:
-            """An objective that trains on refusals (IDK+NLL, IDK+AP, IDK-DPO) gets the built-in ones
-            when the data module names none, as in the protocol: so every TOFU config can share one
-            data file, and a file of one's own is still ``data.init_args.refusals``. The data module
-            reads it in ``setup``, after this."""
-            super().instantiate_classes()
-            if (
-                getattr(self.model, "needs_refusals", False)
-                and getattr(self.datamodule, "refusals", "") is None
-            ):
-                self.datamodule.refusals = "builtin"
-
-    return ObjectiveCLI(
-        AdaptedModel,  # every objective, and InfluenceStep
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=run,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": "runs"},
-            },
-        },
-    )
+    return ObjectiveCLI(**objective_cli_kwargs(), run=run, args=argv)
 
 
 def main(argv: list[str] | None = None) -> None:

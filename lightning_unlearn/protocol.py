@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import json
 import shutil
 import time
@@ -44,6 +43,7 @@ from lightning_unlearn.quiet import quiet_libraries
 from lightning_unlearn.report import Report, continual_table, metrics_table
 from lightning_unlearn.resume import settings_fingerprint
 from lightning_unlearn.safe_load import SafeTrainer
+from lightning_unlearn.trainer_args import trainer_arguments
 
 TABLE_COLUMNS = [
     "forget_quality",
@@ -130,6 +130,9 @@ class AdapterFit:
     batch_size: int = 8
     trainer: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_trainer(self.trainer, "adapter_fit")
+
 
 @dataclass
 class Stage:
@@ -154,11 +157,21 @@ class Stage:
         check_at_least(1, "stage", max_epochs=self.max_epochs, batch_size=self.batch_size)
         check_at_least(1, "stage", retain_per_forget=self.retain_per_forget)
         check_at_least(1, "stage", eval_every_n_epochs=self.eval_every_n_epochs)
+        check_trainer(self.trainer, "stage")
         if isinstance(self.objective, InfluenceStep):
             if self.adapter_fit is not None and self.adapter_fit.objective.adapter_spec is None:
                 raise UserError("adapter_fit.objective needs an adapter (LoRA): InfluenceStep edits one")
             if self.sequential is not None:
                 raise UserError("an InfluenceStep stage cannot be sequential")
+
+
+def check_trainer(settings: dict[str, Any], where: str) -> None:
+    """Refuse Trainer settings the protocol cannot honour (it sets ``max_epochs`` from the stage
+    and the logger itself) or that ``fit``'s parser would refuse."""
+    for key, instead in (("max_epochs", "the stage's max_epochs"), ("logger", "the protocol's logger")):
+        if key in settings:
+            raise UserError(f"{where}: trainer.{key}: set by the protocol from {instead}")
+    trainer_arguments(settings, where)
 
 
 @dataclass
@@ -211,6 +224,7 @@ class Protocol:
         self.data = data or DataSettings()
         self.evaluation = evaluation or EvalSettings()
         self.trainer_args = dict(trainer or {})
+        check_trainer(self.trainer_args, "protocol")
         self.run_dir = Path(out_dir) / name
         self.seed, self.logger = seed, logger
         # What a run learns as it goes: the split files and evaluation records (``prepare_data``),
@@ -284,13 +298,10 @@ class Protocol:
             **stage.trainer,
             **processes.trainer_layout({**self.trainer_args, **stage.trainer}, f"stage '{stage_name}'"),
         }
-        if isinstance(args.get("strategy"), dict):
-            args["strategy"] = _instantiate(args["strategy"], "trainer.strategy")
-        own = args.pop("callbacks", None) or []  # the config's own (objects, or class_path specs)
-        own = [
-            _instantiate(c, "trainer.callbacks") if isinstance(c, dict) else c
-            for c in (own if isinstance(own, list) else [own])
-        ]
+        # Built anew for every stage from the kept settings (a strategy is bound to one Trainer).
+        args = trainer_arguments(args, f"stage '{stage_name}'")
+        own = args.pop("callbacks", None) or []  # the config's own callbacks
+        own = own if isinstance(own, list) else [own]
         return SafeTrainer(
             max_epochs=stage.max_epochs,
             logger=self._logger(stage_name),
@@ -637,19 +648,3 @@ class Protocol:
     def _columns(reports: dict[str, Report]) -> list[str]:
         present = {name for r in reports.values() for name in r.metrics}
         return [c for c in TABLE_COLUMNS if c in present]
-
-
-def _instantiate(spec: dict[str, Any], where: str) -> Any:
-    """A fresh object from ``{"class_path": ..., "init_args": {...}}`` (a strategy: every stage's
-    Trainer needs its own instance, so the protocol keeps the spec, not the object)."""
-    if set(spec) - {"class_path", "init_args"} or "class_path" not in spec:
-        raise UserError(f"{where}: expected 'class_path' and optional 'init_args', got {sorted(spec)}")
-    module, _, name = spec["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        raise UserError(f"{where}: cannot import '{spec['class_path']}'") from None
-    try:
-        return cls(**spec.get("init_args", {}))
-    except TypeError as err:
-        raise UserError(f"{where}: {spec['class_path']}: {err}") from None

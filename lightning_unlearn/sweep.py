@@ -10,7 +10,6 @@ directory, so rerunning after a kill keeps finished trials and reruns only the i
 
 from __future__ import annotations
 
-import copy
 import fcntl
 import json
 import math
@@ -30,6 +29,7 @@ from lightning_unlearn.objectives import InfluenceStep
 from lightning_unlearn.pareto import pareto_front
 from lightning_unlearn.plots import sweep_pareto
 from lightning_unlearn.protocol import Protocol, Stage
+from lightning_unlearn.protocol_config import protocol_from_config, stage_entry
 from lightning_unlearn.report import _fmt
 from lightning_unlearn.resume import settings_fingerprint
 from lightning_unlearn.search_space import Dimension, apply, grid, parse_space
@@ -152,10 +152,8 @@ class Sweep:
         self.preempted: dict[str, tuple[str, float]] = {}
         try:
             self.protocol = self._build({})
-        except UserError as err:
-            raise UserError(f"{self.where}: protocol '{protocol}': {err}") from None
-        except Exception as err:  # jsonargparse: nested lines, the innermost names the problem
-            raise UserError(f"{self.where}: protocol '{protocol}': {_innermost(err)}") from None
+        except UserError as err:  # names the protocol file and the key
+            raise UserError(f"{self.where}: {err}") from None
         for dim in self.dims:  # each key alone, with each listed value (or each end of its range)
             for value in dim.examples():
                 self._check(dim, value)
@@ -180,15 +178,9 @@ class Sweep:
         return {**config, "name": self.name, "out_dir": out_dir}
 
     def _build(self, objectives: dict[str, dict]) -> Protocol:
-        """The protocol config with ``objectives`` replaced, parsed as ``lightning-unlearn protocol``
-        parses it (the same types, checks and defaults)."""
-        from lightning_unlearn.cli import protocol_parser
-
-        parser = protocol_parser(exit_on_error=False)
-        config = copy.deepcopy({**self.protocol_config, "objectives": objectives})
-        init = parser.instantiate(parser.parse_object(config)).as_dict()
-        init.pop("config", None)
-        return Protocol(**init)
+        """The protocol config with ``objectives`` replaced, read as ``lightning-unlearn protocol``
+        reads it (the same types, checks and defaults; a stage may name a fit config)."""
+        return protocol_from_config({**self.protocol_config, "objectives": objectives}, self.protocol_file)
 
     def stage(self, settings: dict[str, Any]) -> Stage:
         """The objective entry with a trial's settings, as the protocol's ``Stage``."""
@@ -215,8 +207,6 @@ class Sweep:
             stage = self.stage({dim.key: value})
         except UserError as err:
             raise UserError(f"{self.where}: space key '{dim.key}' = {value!r}: {err}") from None
-        except Exception as err:
-            raise UserError(f"{self.where}: space key '{dim.key}' = {value!r}: {_innermost(err)}") from None
         if isinstance(stage.objective, InfluenceStep) or stage.sequential is not None:
             raise UserError(
                 f"{self.where}: objective '{self.objective_name}' is sequential or an InfluenceStep: "
@@ -228,7 +218,7 @@ class Sweep:
         return settings_fingerprint(
             {
                 "protocol": self.protocol.settings(objectives=False),
-                "entry": self.entry,
+                "entry": stage_entry(self.entry, f"objectives.{self.objective_name}", self.protocol.seed),
                 "space": self.space,
                 "sampler": self.sampler,
                 "startup_trials": self.startup_trials,
@@ -533,12 +523,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
-
-
-def _innermost(error: Exception) -> str:
-    """The last line of a jsonargparse error: it nests a line per level, the last names the problem."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def _key(params: dict) -> str:

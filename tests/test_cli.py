@@ -87,7 +87,7 @@ def test_help_lists_subcommands():
 
 
 TOFU_CONFIGS = Path(__file__).parents[1] / "configs" / "tofu"
-SHARED = ("data.yaml", "target.yaml")  # read by every objective's file
+SHARED = ("base.yaml", "data.yaml", "target.yaml")  # read by every objective's file
 
 
 @pytest.mark.parametrize(
@@ -95,11 +95,13 @@ SHARED = ("data.yaml", "target.yaml")  # read by every objective's file
 )
 def test_every_tofu_config_builds_its_objective(config):
     """Each objective's file builds its objective with its own settings, the model of target.yaml and
-    the data module of data.yaml; IDK objectives get the built-in refusals, the others none."""
+    the data module of data.yaml (through base.yaml); IDK objectives get the built-in refusals, the
+    others none."""
     from lightning_unlearn.cli import lightning_main
 
     spec = yaml.safe_load(config.read_text())
-    assert spec["model"]["init_args"]["model"] == "target.yaml" and spec["data"] == "data.yaml"
+    assert spec["model"]["init_args"]["model"] == "target.yaml" and spec["config"] == "base.yaml"
+    assert yaml.safe_load((TOFU_CONFIGS / "base.yaml").read_text())["data"] == "data.yaml"
     target = yaml.safe_load((TOFU_CONFIGS / "target.yaml").read_text())
     data = yaml.safe_load((TOFU_CONFIGS / "data.yaml").read_text())
     cli = lightning_main(["--config", str(config), "--trainer.logger=false"], run=False)

@@ -315,7 +315,8 @@ def test_bad_space_key_from_the_command_line(tmp_path, capsys):
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [
-        f"lightning-unlearn: error: {config}: space key 'objective.init_args.nope' = 1: Option 'nope' is not accepted"
+        f"lightning-unlearn: error: {config}: space key 'objective.init_args.nope' = 1: "
+        f"{_protocol_file(tmp_path)}: objectives.trial: objective: Option 'nope' is not accepted"
     ]
 
 
