@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lightning_unlearn.data.refusals import load_refusals
 from lightning_unlearn.errors import ConfigError
+from lightning_unlearn.io import atomic_directory
 
 T = TypeVar("T")
 
@@ -596,3 +597,29 @@ def make_world(directory: str | Path, config: WorldConfig | None = None) -> Path
     if _is_world(directory, config):
         return directory
     return write_world(generate_world(config), directory, config=config)
+
+
+def write_generated_set(
+    directory: str | Path,
+    marker: dict,
+    generate: Callable[[], dict[str, list[dict]]],
+    tokenizer_records: Callable[[dict[str, list[dict]]], list[dict]],
+) -> Path:
+    """A generated miniature in a hub's layout (``generate()``: relative path -> JSON Lines rows)
+    and a word-level tokenizer over ``tokenizer_records(files)`` (question/answer records), written
+    atomically unless ``directory`` already holds the set ``marker`` describes (its generator
+    version and config, in ``world.json``): then nothing is generated."""
+    directory = Path(directory)
+    try:
+        if json.loads((directory / "world.json").read_text()) == marker:
+            return directory
+    except (OSError, ValueError):
+        pass
+    files = generate()
+    with atomic_directory(directory) as tmp:
+        for name, rows in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        build_tokenizer({"texts": tokenizer_records(files)}).save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "world.json").write_text(json.dumps(marker) + "\n")
+    return directory

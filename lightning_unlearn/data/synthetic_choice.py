@@ -20,14 +20,12 @@ measures whether unlearning the forget corpus removes what the model knows about
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lightning_unlearn.data.synthetic import CITIES, WORLD_FACTS, build_tokenizer
+from lightning_unlearn.data.synthetic import CITIES, WORLD_FACTS, write_generated_set
 from lightning_unlearn.errors import ConfigError
-from lightning_unlearn.io import atomic_directory
 from lightning_unlearn.metrics.multiple_choice import ChoiceFormat
 
 GENERATOR_VERSION = 1
@@ -114,17 +112,8 @@ def make_choice_world(directory: str | Path, config: ChoiceWorldConfig | None = 
     config = config or ChoiceWorldConfig()
     directory = Path(directory)
     marker = {"generator_version": GENERATOR_VERSION, "config": asdict(config)}
-    try:
-        if json.loads((directory / "world.json").read_text()) == marker:
-            return directory
-    except (OSError, ValueError):
-        pass
-    files = generate_choice_world(config)
-    with atomic_directory(directory) as tmp:
-        for name, rows in files.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        texts = [{"question": r["text"], "answer": "a b c d"} for r in files["train.json"]]
-        build_tokenizer({"texts": texts}).save_pretrained(str(tmp / "tokenizer"))
-        (tmp / "world.json").write_text(json.dumps(marker) + "\n")
-    return directory
+
+    def texts(files: dict[str, list[dict]]) -> list[dict]:
+        return [{"question": r["text"], "answer": "a b c d"} for r in files["train.json"]]
+
+    return write_generated_set(directory, marker, lambda: generate_choice_world(config), texts)

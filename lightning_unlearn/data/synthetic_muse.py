@@ -21,14 +21,18 @@ questions of each group are its in-context examples, the rest its KnowMem questi
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lightning_unlearn.data.synthetic import EOS_TOKEN, FACT_TYPES, FIRST_NAMES, SURNAMES, build_tokenizer
+from lightning_unlearn.data.synthetic import (
+    EOS_TOKEN,
+    FACT_TYPES,
+    FIRST_NAMES,
+    SURNAMES,
+    write_generated_set,
+)
 from lightning_unlearn.errors import ConfigError
-from lightning_unlearn.io import atomic_directory
 from lightning_unlearn.metrics.muse import KnowMemFormat
 
 GENERATOR_VERSION = 2  # 2: training questions in the few-shot prompt
@@ -128,19 +132,9 @@ def make_muse_world(directory: str | Path, config: MuseWorldConfig | None = None
     config = config or MuseWorldConfig()
     directory = Path(directory)
     marker = {"generator_version": GENERATOR_VERSION, "config": asdict(config)}
-    try:
-        if json.loads((directory / "world.json").read_text()) == marker:
-            return directory
-    except (OSError, ValueError):
-        pass
-    files = generate_muse_world(config)
-    with atomic_directory(directory) as tmp:
-        for name, rows in files.items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        words = [v.replace(EOS_TOKEN, "") for rows in files.values() for r in rows for v in r.values()]
-        build_tokenizer({"texts": [{"question": w, "answer": "a"} for w in words]}).save_pretrained(
-            str(tmp / "tokenizer")
-        )
-        (tmp / "world.json").write_text(json.dumps(marker) + "\n")
-    return directory
+
+    def words(files: dict[str, list[dict]]) -> list[dict]:
+        texts = [v.replace(EOS_TOKEN, "") for rows in files.values() for r in rows for v in r.values()]
+        return [{"question": w, "answer": "a"} for w in texts]
+
+    return write_generated_set(directory, marker, lambda: generate_muse_world(config), words)
