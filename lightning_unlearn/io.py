@@ -34,6 +34,14 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def remove_path(path: Path) -> None:
+    """Remove ``path``, a file or a directory (a sharded checkpoint is one), if it exists."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temp directory to fill; on success it replaces ``path``, on error it is removed."""

@@ -33,7 +33,7 @@ from lightning_unlearn.metrics.muse import privleak
 from lightning_unlearn.models import ModelSpec, load_model, load_spec_tokenizer
 from lightning_unlearn.quiet import quiet_libraries
 from lightning_unlearn.report import Report, metrics_table
-from lightning_unlearn.train_stage import TrainStage, train_stage
+from lightning_unlearn.train_stage import TrainStage, train_stage, with_generated_tokenizer
 
 SYNTHETIC = "synthetic"
 
@@ -150,9 +150,7 @@ class MuseRun:
     def _run(self) -> dict[str, Report]:
         start = time.perf_counter()
         data, source = self.data.resolved(self.run_dir)
-        base = self.base
-        if data.source == SYNTHETIC and base.config is not None and base.tokenizer is None:
-            base = dataclasses.replace(base, tokenizer=str(self.run_dir / "world" / "tokenizer"))
+        base = with_generated_tokenizer(self.base, data.source == SYNTHETIC, self.run_dir)
         sets = source.load()
         target = base
         if self.finetune is not None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +35,8 @@ from types import FrameType
 from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+from lightning_unlearn.io import remove_path
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: what schedulers read as "terminated by a signal"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -270,21 +271,14 @@ def _save_atomically(trainer: Trainer, path: Path) -> None:
     none), never a truncated one. A sharded checkpoint (a directory) is renamed the same way."""
     temporary = path.with_name(f".{path.name}.partial")
     if trainer.is_global_zero:  # a leftover of a save that was itself killed
-        _remove(temporary)
+        remove_path(temporary)
     trainer.strategy.barrier("preemption checkpoint")
     trainer.save_checkpoint(temporary)  # every rank writes its part; ends with a barrier
     if trainer.is_global_zero:
         if path.is_dir() or temporary.is_dir():
-            _remove(path)  # a directory is not replaced by a rename, nor a file by a directory
+            remove_path(path)  # a directory is not replaced by a rename, nor a file by a directory
         os.replace(temporary, path)
     trainer.strategy.barrier("preemption checkpoint")
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def install(trainer: Trainer) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from lightning_unlearn.errors import UserError
 from lightning_unlearn.evaluation import Evaluator
 from lightning_unlearn.evaluation_settings import EvaluationSettings
 from lightning_unlearn.export import export_model
-from lightning_unlearn.io import atomic_directory, write_text_atomic
+from lightning_unlearn.io import atomic_directory, remove_path, write_text_atomic
 from lightning_unlearn.metrics.tofu import forget_quality
 from lightning_unlearn.models import LoraSpec, ModelSpec, load_adapter, load_model, load_spec_tokenizer
 from lightning_unlearn.objectives import FineTune, InfluenceStep
@@ -212,8 +211,8 @@ class Protocol:
             raise UserError(f"objective names {sorted(reserved)} are reserved for the protocol's own models")
         if logger not in ("csv", "wandb"):
             raise UserError(f"logger must be 'csv' or 'wandb', got {logger!r}")
+        deployed = finetune.objective.adapter_spec is not None
         for stage_name, stage in objectives.items():
-            deployed = finetune.objective.adapter_spec is not None
             if isinstance(stage.objective, InfluenceStep) and stage.adapter_fit is None and not deployed:
                 raise UserError(
                     f"objectives.{stage_name}: an InfluenceStep stage edits a LoRA: give it adapter_fit "
@@ -339,12 +338,8 @@ class Protocol:
         trainer.fit(objective, datamodule=datamodule, ckpt_path=resume)
         exported = directory if stage.sequential else objective.export(directory, merge=merge)
 
-        def drop_checkpoint() -> None:
-            if preempted.is_dir():  # a sharded (distributed) checkpoint
-                shutil.rmtree(preempted)
-            preempted.unlink(missing_ok=True)
-
-        processes.rank_zero(drop_checkpoint)  # after rank 0's export: every rank can read it now
+        # after rank 0's export: every rank can read it now (a sharded checkpoint is a directory)
+        processes.rank_zero(lambda: remove_path(preempted))
         return exported
 
     def _finetune(self, stage_name: str, split: str) -> Path:

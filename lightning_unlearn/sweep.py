@@ -23,7 +23,7 @@ import yaml
 
 from lightning_unlearn.callbacks import UnlearningEvaluation
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.io import atomic_directory, write_text_atomic
+from lightning_unlearn.io import atomic_directory, remove_path, write_text_atomic
 from lightning_unlearn.models import ModelSpec, load_adapter, load_model
 from lightning_unlearn.objectives import InfluenceStep
 from lightning_unlearn.pareto import pareto_front
@@ -342,9 +342,7 @@ class Sweep:
     def _discard(self, number: int) -> None:
         """A killed trial's files (its rerun gets a new number)."""
         for path in self._files(_trial_name(number)):
-            if path.is_dir():
-                shutil.rmtree(path)
-            path.unlink(missing_ok=True)
+            remove_path(path)
 
     def _adopt(self, earlier: str, name: str) -> None:
         """Give trial ``name`` the files of the preempted trial ``earlier`` of the same settings:

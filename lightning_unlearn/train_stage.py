@@ -5,6 +5,7 @@ a rerun of the same command keeps (``wmdp_run.py``, ``muse_run.py``)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,11 @@ def train_stage(
     )
     trainer.fit(objective, datamodule=datamodule)
     return objective.export(directory)
+
+
+def with_generated_tokenizer(base: ModelSpec, generated: bool, run_dir: Path) -> ModelSpec:
+    """``base`` with the tokenizer of the miniature generated in ``run_dir / "world"`` when the run
+    uses that set and builds its model from a config without naming a tokenizer (the demos)."""
+    if generated and base.config is not None and base.tokenizer is None:
+        return dataclasses.replace(base, tokenizer=str(run_dir / "world" / "tokenizer"))
+    return base

@@ -27,7 +27,7 @@ from lightning_unlearn.io import write_text_atomic
 from lightning_unlearn.models import ModelSpec, load_model, load_spec_tokenizer
 from lightning_unlearn.quiet import quiet_libraries
 from lightning_unlearn.report import Report, metrics_table
-from lightning_unlearn.train_stage import TrainStage, train_stage
+from lightning_unlearn.train_stage import TrainStage, train_stage, with_generated_tokenizer
 
 SYNTHETIC = "synthetic"
 
@@ -105,11 +105,11 @@ class WmdpRun:
     def _train(self, stage_name: str, stage: TrainStage, spec: ModelSpec, datamodule) -> Path:
         return train_stage(self.run_dir, stage_name, stage, spec, datamodule, self.seed, self.trainer_args)
 
-    def _score(self, model_dir: Path, questions: dict[str, list[dict]]) -> Report:
-        spec = ModelSpec(path=str(model_dir), dtype=self.base.dtype)
+    def _score(self, spec: ModelSpec, questions: dict[str, list[dict]]) -> Report:
         tokenizer, model = load_spec_tokenizer(spec), load_model(spec).eval()
         report = wmdp.evaluate(model, tokenizer, questions, self.eval_batch_size, self.eval_max_length)
-        report.settings["model_dir"] = str(model_dir)
+        if spec.path is not None:
+            report.settings["model_dir"] = spec.path
         return report
 
     def run(self) -> dict[str, Report]:
@@ -119,9 +119,7 @@ class WmdpRun:
     def _run(self) -> dict[str, Report]:
         start = time.perf_counter()
         data = self.data.resolved(self.run_dir)
-        base = self.base
-        if data.source == SYNTHETIC and base.config is not None and base.tokenizer is None:
-            base = dataclasses.replace(base, tokenizer=str(self.run_dir / "world" / "tokenizer"))
+        base = with_generated_tokenizer(self.base, data.source == SYNTHETIC, self.run_dir)
         questions = {name: q.load() for name, q in data.questions.items()}
         if self.finetune is not None:
             if not data.finetune:
@@ -140,14 +138,8 @@ class WmdpRun:
         name = type(self.unlearn.objective).__name__.lower()
         unlearned = self._train(name, self.unlearn, target_spec, dm)
         reports = {}
-        if target is not None:
-            reports["finetuned"] = self._score(target, questions)
-        else:
-            spec, model = target_spec, load_model(target_spec).eval()
-            reports["base"] = wmdp.evaluate(
-                model, load_spec_tokenizer(spec), questions, self.eval_batch_size, self.eval_max_length
-            )
-        reports[name] = self._score(unlearned, questions)
+        reports["base" if target is None else "finetuned"] = self._score(target_spec, questions)
+        reports[name] = self._score(ModelSpec(path=str(unlearned), dtype=self.base.dtype), questions)
         self._write(reports, [f"{name}_accuracy" for name in questions], start)
         return reports
 
