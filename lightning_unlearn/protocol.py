@@ -44,6 +44,18 @@ from lightning_unlearn.resume import settings_fingerprint
 from lightning_unlearn.safe_load import SafeTrainer
 from lightning_unlearn.trainer_args import trainer_arguments
 
+# A finished target and retain model (and their reports) record their settings here.
+MODELS_MARKER = "models.fingerprint"
+# What a run of the same settings may link instead of training and evaluating again.
+ADOPTED = (
+    "models/finetuned",
+    "models/retain",
+    "models/finetuned_adapter",
+    "models/retain_adapter",
+    "reports/finetuned",
+    "reports/retain",
+)
+
 TABLE_COLUMNS = [
     "forget_quality",
     "forget_quality_holdout",
@@ -235,6 +247,8 @@ class Protocol:
         self.histories: dict[str, list[dict]] = {}
         self.continual: dict[str, list[dict]] = {}
         self.continual_requests: dict[str, dict[str, list[dict]]] = {}
+        # Taken before ``prepare_data`` points a config-built model at the run's generated tokenizer.
+        self._models_fingerprint = settings_fingerprint(self.settings(objectives=False))
 
     # -- data -----------------------------------------------------------------------------------
     def prepare_data(self) -> Path:
@@ -500,7 +514,8 @@ class Protocol:
         saved = self.run_dir / "reports" / name / "report.json"
         if saved.is_file():  # written atomically after its model: a resumed run keeps it
             report = Report.load(saved)
-            processes.rank_zero(lambda: report.save(saved.parent))
+            if not saved.parent.is_symlink():  # another run's (``adopt_models``): left as it is
+                processes.rank_zero(lambda: report.save(saved.parent))
             return report
         processes.say(f"[{self.name}] {name}: evaluating")
         spec = ModelSpec(path=str(model_dir), dtype=self.base.dtype)
@@ -622,7 +637,47 @@ class Protocol:
         if self.retain_mia is not None:
             retain_report.metrics["privleak"] = 0.0  # the reference itself, by definition
         target = self._finetune("finetuned", "full")
-        return target, {"finetuned": self._evaluate("finetuned", target), "retain": retain_report}
+        reports = {"finetuned": self._evaluate("finetuned", target), "retain": retain_report}
+        marker = self.run_dir / MODELS_MARKER
+        processes.rank_zero(lambda: write_text_atomic(marker, self.models_fingerprint() + "\n"))
+        return target, reports
+
+    def models_fingerprint(self) -> str:
+        """What the target, the retain model and their reports depend on: every setting but the
+        objectives (another run of these settings may use them instead of fine-tuning its own)."""
+        return self._models_fingerprint
+
+    def models_source(self, source: str | Path, where: str) -> Path:
+        """``source``, a finished protocol or sweep run, checked to hold a target and a retain
+        model of these very settings (all but the objectives: its ``models.fingerprint``)."""
+        source = Path(source).resolve()
+        marker = source / MODELS_MARKER
+        if not marker.is_file():
+            raise UserError(
+                f"{where}: models_from: {source} has no {MODELS_MARKER} (not a run whose target and "
+                "retain model are finished, or one made before runs recorded it)"
+            )
+        if marker.read_text().strip() != self.models_fingerprint():
+            raise UserError(
+                f"{where}: models_from: {source} was made with other model, fine-tune, data or "
+                "evaluation settings than this protocol's"
+            )
+        for part in ADOPTED[:2] + ADOPTED[4:]:
+            if not (source / part).is_dir():
+                raise UserError(f"{where}: models_from: {source / part} is missing")
+        return source
+
+    def adopt_models(self, source: Path) -> None:
+        """Use the target and the retain model (and their reports) of the run in ``source``
+        (checked by ``models_source``), so the sweeps of several objectives start from one target
+        instead of fine-tuning one each. They are linked, not copied (a full fine-tune is the
+        model's size), so ``source`` must stay where it is."""
+        for part in ADOPTED:
+            link, target = self.run_dir / part, source / part
+            if not target.is_dir() or link.is_symlink():  # adapters: a LoRA fine-tune only; linked: a rerun
+                continue
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(target, target_is_directory=True)
 
     def _continual_report(self, target: Report) -> None:
         """Per sequential stage and step: each request's forget quality so far and model utility

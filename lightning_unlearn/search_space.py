@@ -112,3 +112,16 @@ def apply(entry: dict[str, Any], settings: dict[str, Any], where: str) -> dict[s
             node = child
         node[parts[-1]] = value
     return entry
+
+
+def without(entry: dict[str, Any], keys: list[str]) -> dict[str, Any]:
+    """A copy of the objective entry without the dotted ``keys``: what a sweep's trials depend on
+    besides its space (each trial sets those keys, so the entry's own values never matter)."""
+    entry = copy.deepcopy(entry)
+    for key in keys:
+        node, parts = entry, key.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return entry

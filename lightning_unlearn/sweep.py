@@ -32,7 +32,7 @@ from lightning_unlearn.protocol import Protocol, Stage
 from lightning_unlearn.protocol_config import protocol_from_config, stage_entry
 from lightning_unlearn.report import _fmt
 from lightning_unlearn.resume import settings_fingerprint
-from lightning_unlearn.search_space import Dimension, apply, grid, parse_space
+from lightning_unlearn.search_space import Dimension, apply, grid, parse_space, without
 
 STUDY = "sweep"
 LOCK = ".lock"  # held while a process runs the sweep
@@ -104,6 +104,9 @@ class Sweep:
             the entry's ``eval_every_n_epochs``, else every epoch); the step-0 evaluation is the
             target, the reference of ``best.min_ratio``.
         best: the rule that picks the evaluation exported to ``best/``.
+        models_from: a finished protocol or sweep run (its directory) of the same protocol settings
+            but the objectives, whose target and retain model this sweep links instead of
+            fine-tuning its own: one target for the sweeps of several objectives.
         config_file: the sweep YAML, named in error messages (the CLI fills it in).
     """
 
@@ -121,6 +124,7 @@ class Sweep:
         eval_every_n_epochs: int | None = None,
         eval_every_n_steps: int | None = None,
         best: BestRule | None = None,
+        models_from: str | None = None,
         config_file: str | None = None,
     ) -> None:
         self.where = config_file or "sweep config"
@@ -157,6 +161,9 @@ class Sweep:
         for dim in self.dims:  # each key alone, with each listed value (or each end of its range)
             for value in dim.examples():
                 self._check(dim, value)
+        self.models_from = (
+            None if models_from is None else self.protocol.models_source(models_from, self.where)
+        )
 
     # -- settings ---------------------------------------------------------------------------------
     def _load_protocol(self, out_dir: str) -> dict[str, Any]:
@@ -218,7 +225,12 @@ class Sweep:
         return settings_fingerprint(
             {
                 "protocol": self.protocol.settings(objectives=False),
-                "entry": stage_entry(self.entry, f"objectives.{self.objective_name}", self.protocol.seed),
+                # The entry's values of the swept keys never reach a trial: a tuned value written
+                # back into the protocol file leaves the sweep resumable.
+                "entry": without(
+                    stage_entry(self.entry, f"objectives.{self.objective_name}", self.protocol.seed),
+                    list(self.space),
+                ),
                 "space": self.space,
                 "sampler": self.sampler,
                 "startup_trials": self.startup_trials,
@@ -254,6 +266,8 @@ class Sweep:
             except BlockingIOError:
                 raise UserError(f"{self.run_dir} is in use by another sweep process") from None
             self._claim_run_dir()
+            if self.models_from is not None:
+                self.protocol.adopt_models(self.models_from)
             self.target, self.reports = self.protocol.prepare_models()
             self._check_rule(self.reports["finetuned"].metrics)
             study = self._study(optuna)

@@ -20,6 +20,7 @@ from lightning_unlearn.cli import main
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.pareto import pareto_front
 from lightning_unlearn.protocol import Protocol
+from lightning_unlearn.safe_load import SafeTrainer
 from lightning_unlearn.search_space import grid, parse_space
 from lightning_unlearn.sweep import BestRule, Sweep, choose_best, sweep_table
 
@@ -410,3 +411,54 @@ def test_preempted_sweep_continues_its_trial_from_the_saved_step(tmp_path):
     a, b = (load_file(str(d / "runs/sw/best/model.safetensors")) for d in (whole, cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (cut / "runs/sw/preempted/trial000.ckpt").exists()
+
+
+# -- one target for several sweeps ------------------------------------------------------------------
+def test_models_from_links_the_target_of_an_earlier_run(tmp_path, monkeypatch):
+    """A sweep with ``models_from`` trains and evaluates no target or retain model of its own: its
+    trials start from the earlier run's target (the same file), and its step-0 reference is that
+    run's target report; a protocol of other fine-tune settings is refused in one line."""
+    first = _sweep(tmp_path, name="first", space={"max_epochs": [1]})
+    first.run()
+    source = tmp_path / "runs" / "first"
+    assert (source / "models.fingerprint").read_text().strip() == first.protocol.models_fingerprint()
+
+    fitted: list[str] = []
+    fit = SafeTrainer.fit
+    monkeypatch.setattr(
+        SafeTrainer,
+        "fit",
+        lambda self, model, **k: fitted.append(type(model).__name__) or fit(self, model, **k),
+    )
+    second = _sweep(tmp_path, name="second", space={"max_epochs": [2]}, models_from=str(source))
+    summary = second.run()
+    assert fitted == ["GradAscent"]  # only the trial trained: no FineTune of target or retain model
+    linked = tmp_path / "runs" / "second" / "models" / "finetuned"
+    assert linked.is_symlink() and linked.resolve() == (source / "models" / "finetuned").resolve()
+    target = json.loads((source / "reports" / "finetuned" / "report.json").read_text())["metrics"]
+    assert summary["target"]["forget_quality"] == target["forget_quality"]
+    assert summary["trials"][0]["evaluations"][0]["step"] == 0
+
+    # The same protocol with another fine-tune learning rate: its target would differ.
+    config = json.loads(json.dumps(yaml.safe_load(Path(second.protocol_file).read_text())))
+    config["finetune"]["objective"]["init_args"]["optimizer"]["init_args"]["lr"] = 2e-3
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(config))
+    with pytest.raises(UserError, match=r"sweeps/mini.yaml: models_from: .*first was made with other"):
+        _sweep(tmp_path, name="third", protocol=str(other), models_from=str(source))
+    assert not (tmp_path / "runs" / "third").exists()  # refused when built: nothing written
+
+
+def test_fingerprint_ignores_the_entrys_values_of_swept_keys(tmp_path):
+    """A tuned learning rate written back into the protocol entry keeps the lr sweep resumable; any
+    other change to the entry (here its max_epochs, not swept) is a different sweep."""
+    space = {"objective.init_args.optimizer.init_args.lr": [1e-4, 1e-2]}
+    before = _sweep(tmp_path, space=space).fingerprint()
+    path = Path(_protocol_file(tmp_path))
+    config = json.loads(json.dumps(yaml.safe_load(path.read_text())))  # unshare YAML's aliases
+    config["objectives"]["ga"]["objective"]["init_args"]["optimizer"]["init_args"]["lr"] = 5e-3
+    (tmp_path / "tuned.yaml").write_text(yaml.safe_dump(config))
+    assert _sweep(tmp_path, space=space, protocol=str(tmp_path / "tuned.yaml")).fingerprint() == before
+    config["objectives"]["ga"]["max_epochs"] = 3
+    (tmp_path / "longer.yaml").write_text(yaml.safe_dump(config))
+    assert _sweep(tmp_path, space=space, protocol=str(tmp_path / "longer.yaml")).fingerprint() != before
