@@ -69,13 +69,14 @@ class BestRule:
 
 def choose_best(trials: list[dict], rule: BestRule) -> dict | None:
     """The rule's evaluation over finished trials (``state`` COMPLETE) as ``{"trial": number,
-    "name", "settings", "evaluation"}``, or None when no evaluation meets the constraints."""
+    "name", "settings", "evaluation"}``, or None when no evaluation meets the constraints. A
+    trial's first evaluation, the model before unlearning, is the constraints' reference only."""
     best, best_value = None, None
     for trial in sorted(trials, key=lambda t: t["number"]):
         evaluations = trial.get("evaluations") or []
         if trial["state"] != "COMPLETE" or not evaluations:
             continue
-        for evaluation in evaluations:
+        for evaluation in evaluations[1:]:  # the first is the model before unlearning
             value = evaluation.get(rule.metric)
             if _number(value) and rule.allows(evaluation, evaluations[0]) and rule.better(value, best_value):
                 best_value = value
@@ -107,6 +108,9 @@ class Sweep:
         models_from: a finished protocol or sweep run (its directory) of the same protocol settings
             but the objectives, whose target and retain model this sweep links instead of
             fine-tuning its own: one target for the sweeps of several objectives.
+        protocol_overrides: dotted protocol keys -> values set on the protocol file's settings, as
+            ``lightning-unlearn protocol --key value`` would (e.g. ``model.path``, ``data.source``
+            for a local model file and data copy).
         config_file: the sweep YAML, named in error messages (the CLI fills it in).
     """
 
@@ -125,6 +129,7 @@ class Sweep:
         eval_every_n_steps: int | None = None,
         best: BestRule | None = None,
         models_from: str | None = None,
+        protocol_overrides: dict[str, Any] | None = None,
         config_file: str | None = None,
     ) -> None:
         self.where = config_file or "sweep config"
@@ -143,6 +148,7 @@ class Sweep:
         if eval_every_n_epochs is not None and eval_every_n_steps is not None:
             raise UserError(f"{self.where}: set eval_every_n_epochs or eval_every_n_steps, not both")
         self.protocol_file, self.objective_name, self.space = protocol, objective, dict(space)
+        self.overrides = dict(protocol_overrides or {})
         self.name, self.sampler, self.n_trials, self.startup_trials = name, sampler, n_trials, startup_trials
         self.seed, self.best = seed, best or BestRule()
         self.every_n_epochs, self.every_n_steps = eval_every_n_epochs, eval_every_n_steps
@@ -182,6 +188,7 @@ class Sweep:
             raise UserError(
                 f"{self.where}: objective '{self.objective_name}' is not among {path}'s objectives ({names})"
             )
+        config = apply(config, self.overrides, f"{self.where}: protocol_overrides")
         return {**config, "name": self.name, "out_dir": out_dir}
 
     def _build(self, objectives: dict[str, dict]) -> Protocol:
@@ -384,6 +391,7 @@ class Sweep:
             min_ratio=self.best.min_ratio,
             best_dirpath=str(directory / "best"),
             history_path=str(directory / "history.json"),
+            start=self.reports["finetuned"].metrics,  # the target's: not evaluated again per trial
         )
         start = time.perf_counter()
         try:

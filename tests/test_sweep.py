@@ -381,7 +381,7 @@ def test_preempted_sweep_continues_its_trial_from_the_saved_step(tmp_path):
         (directory / "protocol.yaml").write_text(yaml.safe_dump(protocol))
         sweep = {"name": "sw", "protocol": "protocol.yaml", "objective": "ga", "out_dir": "runs",
                  "space": {"objective.init_args.optimizer.init_args.lr": [1e-2]}, "eval_every_n_steps": 2,
-                 "best": {"metric": "forget_Q_A_Prob", "mode": "min"}}  # fmt: skip
+                 "best": {"metric": "forget_Q_A_Prob", "mode": "min", "min_ratio": {}}}  # fmt: skip
         (directory / "sweep.yaml").write_text(yaml.safe_dump(sweep))
         return directory
 
@@ -462,3 +462,15 @@ def test_fingerprint_ignores_the_entrys_values_of_swept_keys(tmp_path):
     config["objectives"]["ga"]["max_epochs"] = 3
     (tmp_path / "longer.yaml").write_text(yaml.safe_dump(config))
     assert _sweep(tmp_path, space=space, protocol=str(tmp_path / "longer.yaml")).fingerprint() != before
+
+
+def test_protocol_overrides_set_dotted_protocol_keys(tmp_path):
+    """Overrides reach the protocol the trials run (here its generation budget and data cap) and
+    so the sweep's fingerprint; a key under a plain value is refused in one line."""
+    plain = _sweep(tmp_path)
+    tuned = _sweep(tmp_path, protocol_overrides={"evaluation.max_new_tokens": 3, "data.eval_limit": 7})
+    assert (plain.protocol.evaluation.max_new_tokens, tuned.protocol.evaluation.max_new_tokens) == (2, 3)
+    assert tuned.protocol.data.eval_limit == 7
+    assert tuned.fingerprint() != plain.fingerprint()
+    with pytest.raises(UserError, match="sweeps/mini.yaml: protocol_overrides: .*'name' is 'mini'"):
+        _sweep(tmp_path, protocol_overrides={"name.x": 1})

@@ -52,6 +52,10 @@ class UnlearningEvaluation(Callback):
             ``{model_utility: 0.9}`` keeps only evaluations with at least 0.9x the start's utility.
         best_dirpath: where the best model is exported (adapter only for LoRA runs).
         history_path: a JSON file for the history (rewritten atomically after each evaluation).
+        start: the metrics of the model as training starts, when they are known already (a sweep
+            or protocol passes the target's report): the step-0 entry, instead of evaluating the
+            same model again. The start is the reference of ``min_ratio``, never the best: a kept
+            model is one that unlearned.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class UnlearningEvaluation(Callback):
         nli_model: str | None = None,
         generation_batch_size: int | None = None,
         fast: bool = True,
+        start: dict[str, float] | None = None,
     ) -> None:
         if every_n_epochs < 1:
             raise UserError(f"every_n_epochs must be at least 1, got {every_n_epochs}")
@@ -97,7 +102,7 @@ class UnlearningEvaluation(Callback):
             nli_model=nli_model,
         )
         self.every_n_epochs, self.every_n_steps = every_n_epochs, every_n_steps
-        self.monitor, self.mode = monitor, mode
+        self.monitor, self.mode, self.start = monitor, mode, start
         self.min_ratio, self.best_dirpath, self.history_path = (
             dict(min_ratio or {}),
             best_dirpath,
@@ -127,8 +132,13 @@ class UnlearningEvaluation(Callback):
 
     # -- when ----------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.history:  # a run resumed from a checkpoint has its start evaluated already
+        if self.history:  # a run resumed from a checkpoint has its start evaluated already
+            return
+        if self.start is None:
             self.evaluate(trainer, pl_module)
+            return
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **self.start})
+        self._write_history(trainer)
 
     def state_dict(self) -> dict:
         # In every checkpoint, so a resumed run (a preempted one, mid-epoch) keeps its history.
@@ -172,11 +182,14 @@ class UnlearningEvaluation(Callback):
                 logger.log_text(
                     key="eval/forget_generations", columns=["question", "answer", "generated"], data=rows
                 )
-        if self.monitor is not None:
+        if self.monitor is not None and len(self.history) > 1:  # the start is the reference
             self._keep_if_best(trainer, pl_module, entry)
+        self._write_history(trainer)
+        return report
+
+    def _write_history(self, trainer: Trainer) -> None:
         if self.history_path and trainer.is_global_zero:
             write_text_atomic(Path(self.history_path), json.dumps(self.history, indent=1) + "\n")
-        return report
 
     def _keep_if_best(self, trainer: Trainer, pl_module: LightningModule, entry: dict) -> None:
         value = entry.get(self.monitor)
