@@ -202,3 +202,23 @@ def test_muse_run_trains_one_row_per_window(tmp_path, monkeypatch):
         and len(dm.dataset.retain) == math.ceil(n_tokens("retain1") / 16)
     )
     assert dm.trainer.global_step == 2 * rows
+
+
+def test_windows_resume_mid_epoch(world, bpe_dir):
+    """A loader restored from a mid-epoch state hands out the rest of the uninterrupted epoch."""
+    corpora = [Corpus(str(world), "raw", "forget")], [Corpus(str(world), "raw", "retain1")]
+
+    def loader():
+        dm = CorpusUnlearningDataModule(bpe_dir, *corpora, max_length=24, batch_size=2, windows=True)
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    first = loader()
+    batches = iter(first)
+    seen = [next(batches)["forget"]["index"].tolist() for _ in range(2)]
+    state = first.state_dict()
+    again = loader()
+    again.load_state_dict(state)
+    rest = [b["forget"]["index"].tolist() for b in again]
+    whole = [b["forget"]["index"].tolist() for b in loader()]
+    assert seen + rest == whole and len(rest) >= 2
