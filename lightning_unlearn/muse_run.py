@@ -44,7 +44,9 @@ class MuseData:
     from ``world``; otherwise ``source`` is a hub id or a local copy in its layout. Unset corpora
     default to MUSE's: ``forget`` = ``raw``/``forget``, ``retain`` = ``raw``/``retain1``, and for
     the miniature ``target`` = ``train``/``forget``, ``retain1``, ``retain2`` and ``retrain`` =
-    ``train``/``retain1``, ``retain2``. Documents are cut at ``max_length`` tokens."""
+    ``train``/``retain1``, ``retain2``. ``windows: true`` trains as MUSE's baselines do: each role's
+    documents joined and cut into ``max_length``-token windows (``data/windows.py``), so every
+    token is trained on; otherwise each document is one row, cut at ``max_length`` tokens."""
 
     source: str = SYNTHETIC
     world: MuseWorldConfig = field(default_factory=MuseWorldConfig)
@@ -55,6 +57,7 @@ class MuseData:
     retain_qa: str = "retain_qa"
     limit: int | None = None
     max_length: int = 2048
+    windows: bool = False
 
     def __post_init__(self) -> None:
         check_at_least(2, "data", max_length=self.max_length)
@@ -135,7 +138,10 @@ class MuseRun:
     def _texts(self, spec: ModelSpec, corpora: list[Corpus], stage: TrainStage, data: MuseData):
         if not corpora:
             raise UserError("a fine-tune or retrain stage is set but its data names no corpus")
-        return TextDataModule(spec.tokenizer_path, corpora, data.max_length, stage.batch_size, seed=self.seed)
+        return TextDataModule(
+            spec.tokenizer_path, corpora, data.max_length, stage.batch_size, seed=self.seed,
+            windows=data.windows,
+        )  # fmt: skip
 
     def _score(self, spec: ModelSpec, sets: muse.MuseSets, retrain_auc: float | None) -> Report:
         tokenizer, model = load_spec_tokenizer(spec), load_model(spec).eval()
@@ -166,7 +172,7 @@ class MuseRun:
         for name, stage in self.unlearn.items():
             dm = CorpusUnlearningDataModule(
                 target.tokenizer_path, data.forget, data.retain, data.max_length, stage.batch_size,
-                stage.retain_per_forget, seed=self.seed,
+                stage.retain_per_forget, seed=self.seed, windows=data.windows,
             )  # fmt: skip
             unlearned[name] = self._train(name, stage, target, dm)
         reports: dict[str, Report] = {}

@@ -36,7 +36,9 @@ SYNTHETIC = "synthetic"
 class WmdpData:
     """Where corpora and questions come from. ``source: synthetic`` generates the miniature set
     from ``world`` and fills every unset role from it; otherwise each role names its own hub id or
-    local copy (``configs/wmdp/rmu.yaml``)."""
+    local copy (``configs/wmdp/rmu.yaml``). Each text is one row cut at ``max_length`` tokens, as
+    WMDP's RMU reads its corpora; ``windows: true`` joins them and cuts ``max_length``-token windows
+    instead (MUSE's rows, ``data/windows.py``)."""
 
     source: str = SYNTHETIC
     world: ChoiceWorldConfig = field(default_factory=ChoiceWorldConfig)
@@ -45,6 +47,7 @@ class WmdpData:
     retain: list[Corpus] = field(default_factory=list)
     questions: dict[str, wmdp.QuestionSet] = field(default_factory=dict)
     max_length: int = 512
+    windows: bool = False
 
     def __post_init__(self) -> None:
         check_at_least(2, "data", max_length=self.max_length)
@@ -125,15 +128,16 @@ class WmdpRun:
             if not data.finetune:
                 raise UserError("finetune is set but data.finetune names no corpus")
             dm = TextDataModule(
-                base.tokenizer_path, data.finetune, data.max_length, self.finetune.batch_size, seed=self.seed
-            )
+                base.tokenizer_path, data.finetune, data.max_length, self.finetune.batch_size, seed=self.seed,
+                windows=data.windows,
+            )  # fmt: skip
             target = self._train("finetuned", self.finetune, base, dm)
             target_spec = ModelSpec(path=str(target), dtype=base.dtype)
         else:
             target, target_spec = None, base
         dm = CorpusUnlearningDataModule(
             target_spec.tokenizer_path, data.forget, data.retain, data.max_length, self.unlearn.batch_size,
-            self.unlearn.retain_per_forget, seed=self.seed,
+            self.unlearn.retain_per_forget, seed=self.seed, windows=data.windows,
         )  # fmt: skip
         name = type(self.unlearn.objective).__name__.lower()
         unlearned = self._train(name, self.unlearn, target_spec, dm)

@@ -224,3 +224,4 @@ def test_real_model_configs_build(config):
     spec = yaml.safe_load(config.read_text())
     assert list(run.unlearn) == list(spec["unlearn"]) and run.retrain_auc == spec["retrain_auc"]
     assert run.data.source == spec["data"]["source"] and run.base.path == spec["model"]["path"]
+    assert run.data.windows  # MUSE's baselines train on windows over the joined documents
