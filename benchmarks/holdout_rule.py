@@ -1,9 +1,10 @@
 """How well the retain-model-free monitors agree with TOFU's forget_quality over a protocol run.
 
-    python benchmarks/holdout_rule.py runs/smollm2_tofu [--min-utility-ratio 0.9] [--json out.json]
+    python benchmarks/holdout_rule.py runs/smollm2_tofu [runs/smollm2_npo ...] [--min-utility-ratio 0.9] [--json out.json]
 
-Reads ``history.json`` (every evaluation during training of every objective that had
-``eval_every_n_epochs``) and the target's report. Over every evaluation it gives the Spearman rank
+Reads a protocol run's ``history.json`` (every evaluation during training of every objective that
+had ``eval_every_n_epochs``) and the target's report, or a sweep's ``sweep.json`` (every finished
+trial's evaluations, each trial a run of its own); several directories of one target pool theirs. Over every evaluation it gives the Spearman rank
 correlation of each monitor with the true forget_quality (which needs a retain model), and per
 objective which evaluation each rule would stop at, with the true forget_quality there against the
 best true forget_quality of that run. Rules: the highest monitor value (``forget_quality_holdout``)
@@ -60,6 +61,19 @@ def agreement(histories: dict[str, list[dict]], target_utility: float, ratio: fl
     return result
 
 
+def load_histories(run_dir: Path) -> dict[str, list[dict]]:
+    """Run name -> its evaluations: a protocol's objectives, or a sweep's finished trials."""
+    sweep = run_dir / "sweep.json"
+    if not sweep.is_file():
+        return json.loads((run_dir / "history.json").read_text())
+    summary = json.loads(sweep.read_text())
+    return {
+        f"{summary['objective']}/{t['name']}": t["evaluations"]
+        for t in summary["trials"]
+        if t["state"] == "COMPLETE"
+    }
+
+
 def table(result: dict) -> str:
     lines = [
         "| objective | eligible evaluations | best forget_quality | picked by forget_quality_holdout | picked by mia_gap |",
@@ -85,12 +99,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dirs", type=Path, nargs="+")
     parser.add_argument("--min-utility-ratio", type=float, default=0.9)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    histories = json.loads((args.run_dir / "history.json").read_text())
-    target = json.loads((args.run_dir / "reports" / "finetuned" / "report.json").read_text())
+    histories: dict[str, list[dict]] = {}
+    for run_dir in args.run_dirs:
+        histories |= load_histories(run_dir)
+    target = json.loads((args.run_dirs[0] / "reports" / "finetuned" / "report.json").read_text())
     result = agreement(histories, target["metrics"]["model_utility"], args.min_utility_ratio)
     print(table(result))
     if args.json:

@@ -36,3 +36,17 @@ def test_rules_pick_the_expected_checkpoints_and_correlation_matches_scipy():
         [x["forget_quality_holdout"] for x in every], [x["forget_quality"] for x in every]
     ).statistic
     assert abs(result["spearman"]["forget_quality_holdout"] - want) < 1e-12 and result["evaluations"] == 6
+
+
+def test_a_sweep_gives_one_history_per_finished_trial(tmp_path):
+    import json
+
+    from holdout_rule import load_histories
+
+    evaluations = [{"step": 0, "forget_quality": 0.1}, {"step": 5, "forget_quality": 0.4}]
+    trials = [
+        {"name": "trial000", "state": "COMPLETE", "evaluations": evaluations},
+        {"name": "trial001", "state": "FAIL", "evaluations": evaluations[:1]},  # killed, rerun later
+    ]
+    (tmp_path / "sweep.json").write_text(json.dumps({"objective": "npo", "trials": trials}))
+    assert load_histories(tmp_path) == {"npo/trial000": evaluations}
