@@ -101,8 +101,7 @@ class MuseRun(BenchmarkRun):
     ) -> None:
         if sum(x is not None for x in (retrain, retrain_model, retrain_auc)) != 1:
             raise UserError("PrivLeak needs exactly one of retrain, retrain_model and retrain_auc")
-        if retrain_auc is not None and not 0 < retrain_auc <= 1:
-            raise UserError(f"retrain_auc must be in (0, 1], got {retrain_auc}")
+        muse.check_retrain_auc(retrain_auc)
         if not unlearn:
             raise UserError("unlearn names no objective")
         reserved = {"target", "retrain"} & set(unlearn)
