@@ -1,5 +1,6 @@
 """Command line: ``lightning-unlearn {fit,validate,test} --config X.yaml`` (LightningCLI),
-``lightning-unlearn protocol --config X.yaml`` (the whole TOFU protocol from one file) and
+``lightning-unlearn protocol --config X.yaml`` (a benchmark's whole run from one file: TOFU's
+protocol, or the ``benchmark:`` it names), ``evaluate`` (one model on a benchmark) and
 ``lightning-unlearn sweep --config X.yaml`` (a hyper-parameter search over one of its objectives).
 
 Mistakes a user can fix (``UserError``) print one line and exit with status 2, no traceback.
@@ -17,24 +18,67 @@ from lightning_unlearn.errors import find_user_error
 USAGE = """usage: lightning-unlearn {fit,validate,test,protocol,sweep,evaluate,wmdp,muse} [--config FILE] [--print_config] [--help]
 
   fit / validate / test   LightningCLI over an UnlearningObjective and a DataModule
-  protocol                fine-tune target and retain models, unlearn with each objective,
-                          evaluate all of them and write runs/<name>/report.json
+  protocol                a benchmark's whole run from one YAML (its benchmark: key, or
+                          --benchmark: tofu (default), muse, wmdp); TOFU: fine-tune target and
+                          retain models, unlearn with each objective, evaluate all of them and
+                          write runs/<name>/report.json
   sweep                   search one protocol objective's settings (grid or Optuna TPE),
                           resumable; runs/<name>/sweep.json, sweep.md, pareto.png, best/
-  evaluate                the evaluation suite on one saved model (or base model + adapter):
-                          report.json, report.md, truth_ratios.png in --out_dir
-  wmdp                    unlearn a domain from corpora (RMU), score WMDP and MMLU multiple
-                          choice before and after: runs/<name>/report.json
-  muse                    unlearn documents (MUSE-News/Books or a generated miniature), score
-                          VerbMem, KnowMem and PrivLeak per model: runs/<name>/report.json
+  evaluate                one saved model (or base model + adapter) on a benchmark
+                          (--benchmark tofu, muse, wmdp): report.json, report.md in --out_dir
+  wmdp                    protocol with benchmark wmdp: unlearn a domain from corpora (RMU),
+                          score WMDP and MMLU multiple choice before and after
+  muse                    protocol with benchmark muse: unlearn documents (MUSE-News/Books or a
+                          generated miniature), score VerbMem, KnowMem and PrivLeak per model
 """
 
 
-def build_protocol(argv: list[str]):
-    """The ``Protocol`` a ``protocol`` command line describes, built but not run."""
-    from lightning_unlearn.protocol_config import build_protocol as build
+def benchmark_of(argv: list[str], default: str) -> tuple[object, str]:
+    """The benchmark a command line names and where (a config file, or ``command line``): the
+    last ``--benchmark X`` or ``benchmark:`` key of a ``--config`` file, in the order jsonargparse
+    reads them; ``default`` when none. A file that cannot be read is left to the parser to report."""
+    import yaml
 
-    return build(argv)
+    name, where = default, "command line"
+    for i, arg in enumerate(argv):
+        option, has_value, value = arg.partition("=")
+        if option not in ("--benchmark", "--config"):
+            continue
+        if not has_value:
+            if i + 1 == len(argv):
+                continue
+            value = argv[i + 1]
+        if option == "--benchmark":
+            name, where = value, "command line"
+            continue
+        try:
+            config = yaml.safe_load(Path(value).read_text()) if Path(value).is_file() else None
+        except (OSError, yaml.YAMLError):
+            config = None
+        if isinstance(config, dict) and "benchmark" in config:
+            name, where = config["benchmark"], value
+    return name, where
+
+
+def build_protocol(argv: list[str], fixed: str | None = None):
+    """The runner a ``protocol`` command line describes, built but not run: its benchmark's
+    (``benchmark:``, default ``tofu``: the TOFU ``Protocol``). ``fixed``: the benchmark of the
+    ``wmdp`` / ``muse`` commands, which refuse a config of another."""
+    from lightning_unlearn import benchmarks
+    from lightning_unlearn.errors import UserError
+
+    name, where = benchmark_of(argv, fixed or benchmarks.DEFAULT)
+    runner = benchmarks.benchmark(name, where).runner
+    if fixed is not None and name != fixed:
+        raise UserError(
+            f"{where}: benchmark: {name!r}, but `lightning-unlearn {fixed}` runs {fixed}; "
+            "run it with `lightning-unlearn protocol`"
+        )
+    if runner is benchmarks.Protocol:
+        from lightning_unlearn.protocol_config import build_protocol as build
+
+        return build(argv)
+    return _build_command(runner, argv, fixed or "protocol", f"YAML (see configs/{name}_demo.yaml)")
 
 
 def build_sweep(argv: list[str]):
@@ -66,17 +110,24 @@ def _build_command(cls: type, argv: list[str], prog: str, config_help: str):
 
     parser = ArgumentParser(prog=f"lightning-unlearn {prog}", description=cls.__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help=config_help)
+    parser.add_argument(
+        "--benchmark", type=str | None, default=None, help="the benchmark, chosen before this parser"
+    )
     parser.add_class_arguments(cls, None, as_group=False)
     init = parser.instantiate(parser.parse_args(argv)).as_dict()
     init.pop("config", None)
+    init.pop("benchmark", None)
     return cls(**init)
 
 
 def build_evaluate(argv: list[str]):
-    """The ``EvaluateCommand`` an ``evaluate`` command line describes (its checks done), not run."""
-    from lightning_unlearn.evaluate import EvaluateCommand
+    """The evaluate command of the benchmark an ``evaluate`` command line names (``--benchmark``
+    or a ``benchmark:`` key; TOFU's ``EvaluateCommand`` by default), its checks done, not run."""
+    from lightning_unlearn import benchmarks
 
-    return _build_command(EvaluateCommand, argv, "evaluate", "YAML with any of the options below")
+    name, where = benchmark_of(argv, benchmarks.DEFAULT)
+    command = benchmarks.benchmark(name, where).evaluate
+    return _build_command(command, argv, "evaluate", "YAML with any of the options below")
 
 
 def evaluate_main(argv: list[str]) -> None:
@@ -89,17 +140,13 @@ def evaluate_main(argv: list[str]) -> None:
 
 
 def build_wmdp(argv: list[str]):
-    """The ``WmdpRun`` a ``wmdp`` command line describes, built but not run."""
-    from lightning_unlearn.wmdp_run import WmdpRun
-
-    return _build_command(WmdpRun, argv, "wmdp", "YAML (see configs/wmdp_demo.yaml)")
+    """The ``WmdpRun`` a ``wmdp`` command line describes (``protocol`` with benchmark wmdp), not run."""
+    return build_protocol(argv, fixed="wmdp")
 
 
 def build_muse(argv: list[str]):
-    """The ``MuseRun`` a ``muse`` command line describes, built but not run."""
-    from lightning_unlearn.muse_run import MuseRun
-
-    return _build_command(MuseRun, argv, "muse", "YAML (see configs/muse_demo.yaml)")
+    """The ``MuseRun`` a ``muse`` command line describes (``protocol`` with benchmark muse), not run."""
+    return build_protocol(argv, fixed="muse")
 
 
 def lightning_main(argv: list[str] | None, run: bool = True):

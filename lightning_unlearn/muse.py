@@ -31,6 +31,12 @@ METRICS = ("forget_verbmem", "forget_knowmem", "retain_knowmem", "privleak")
 RETRAIN_AUC = {"news": 0.4772, "books": 0.5393}
 
 
+def check_retrain_auc(retrain_auc: float | None) -> None:
+    """A retrained model's PrivLeak AUC is a probability above 0 (PrivLeak divides by it)."""
+    if retrain_auc is not None and not 0 < retrain_auc <= 1:
+        raise UserError(f"retrain_auc must be in (0, 1], got {retrain_auc}")
+
+
 @dataclass
 class MuseSets:
     """The scored sets, loaded: VerbMem rows, KnowMem questions and their in-context examples,

@@ -17,25 +17,20 @@ Steps, each model written atomically and kept by a rerun of the same command:
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lightning_unlearn import muse
-from lightning_unlearn.data.corpora import Corpus, CorpusUnlearningDataModule, TextDataModule
+from lightning_unlearn.benchmark_run import SYNTHETIC, BenchmarkRun
+from lightning_unlearn.data.corpora import Corpus
 from lightning_unlearn.data.datamodule import check_at_least
 from lightning_unlearn.data.synthetic_muse import MuseWorldConfig, make_muse_world
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.io import write_text_atomic
 from lightning_unlearn.metrics.muse import privleak
-from lightning_unlearn.models import ModelSpec, load_model, load_spec_tokenizer
-from lightning_unlearn.quiet import quiet_libraries
-from lightning_unlearn.report import Report, metrics_table
-from lightning_unlearn.train_stage import TrainStage, train_stage, with_generated_tokenizer
-
-SYNTHETIC = "synthetic"
+from lightning_unlearn.models import ModelSpec
+from lightning_unlearn.report import Report
+from lightning_unlearn.train_stage import TrainStage
 
 
 @dataclass
@@ -76,7 +71,7 @@ class MuseData:
         return data, muse.MuseSource(root, self.retain_qa, self.limit)
 
 
-class MuseRun:
+class MuseRun(BenchmarkRun):
     """Fine-tune and retrain (optional), unlearn with each objective and score on MUSE; see the
     module docstring.
 
@@ -109,72 +104,46 @@ class MuseRun:
     ) -> None:
         if sum(x is not None for x in (retrain, retrain_model, retrain_auc)) != 1:
             raise UserError("PrivLeak needs exactly one of retrain, retrain_model and retrain_auc")
-        if retrain_auc is not None and not 0 < retrain_auc <= 1:
-            raise UserError(f"retrain_auc must be in (0, 1], got {retrain_auc}")
+        muse.check_retrain_auc(retrain_auc)
         if not unlearn:
             raise UserError("unlearn names no objective")
         reserved = {"target", "retrain"} & set(unlearn)
         if reserved:
             raise UserError(f"unlearn: '{sorted(reserved)[0]}' names a model of the run; call it otherwise")
-        self.name, self.base, self.unlearn = name, model, unlearn
-        self.finetune, self.retrain, self.retrain_model, self.retrain_auc = (
-            finetune,
-            retrain,
-            retrain_model,
-            retrain_auc,
-        )
+        super().__init__(name, model, trainer, out_dir, seed)
+        self.unlearn, self.finetune, self.retrain = unlearn, finetune, retrain
+        self.retrain_model, self.retrain_auc = retrain_model, retrain_auc
         self.data = data or MuseData()
         self.evaluation = evaluation or muse.MuseSettings()
-        self.trainer_args = dict(trainer or {})
-        self.run_dir = Path(out_dir) / name
-        self.seed = seed
-
-    def _train(self, stage_name: str, stage: TrainStage, spec: ModelSpec, datamodule) -> ModelSpec:
-        directory = train_stage(
-            self.run_dir, stage_name, stage, spec, datamodule, self.seed, self.trainer_args
-        )
-        return ModelSpec(path=str(directory), dtype=self.base.dtype)
-
-    def _texts(self, spec: ModelSpec, corpora: list[Corpus], stage: TrainStage, data: MuseData):
-        if not corpora:
-            raise UserError("a fine-tune or retrain stage is set but its data names no corpus")
-        return TextDataModule(
-            spec.tokenizer_path, corpora, data.max_length, stage.batch_size, seed=self.seed,
-            windows=data.windows,
-        )  # fmt: skip
 
     def _score(self, spec: ModelSpec, sets: muse.MuseSets, retrain_auc: float | None) -> Report:
-        tokenizer, model = load_spec_tokenizer(spec), load_model(spec).eval()
+        model, tokenizer = self._load(spec)
         report = muse.evaluate(model, tokenizer, sets, self.evaluation, retrain_auc)
         report.settings["model"] = spec.path or "base model from config"
         return report
 
-    def run(self) -> dict[str, Report]:
-        with quiet_libraries():
-            return self._run()
-
-    def _run(self) -> dict[str, Report]:
-        start = time.perf_counter()
+    def _run(self) -> tuple[dict[str, Report], list[str]]:
         data, source = self.data.resolved(self.run_dir)
-        base = with_generated_tokenizer(self.base, data.source == SYNTHETIC, self.run_dir)
+        base = self._base(data.source)
         sets = source.load()
         target = base
         if self.finetune is not None:
-            target = self._train(
-                "target", self.finetune, base, self._texts(base, data.target, self.finetune, data)
-            )
+            target = self._train_texts(
+                "target", self.finetune, base, data.target, data.max_length, ("finetune", "data.target"),
+                windows=data.windows,
+            )  # fmt: skip
         retrain = self.retrain_model
         if self.retrain is not None:
-            retrain = self._train(
-                "retrain", self.retrain, base, self._texts(base, data.retrain, self.retrain, data)
-            )
-        unlearned = {}
-        for name, stage in self.unlearn.items():
-            dm = CorpusUnlearningDataModule(
-                target.tokenizer_path, data.forget, data.retain, data.max_length, stage.batch_size,
-                stage.retain_per_forget, seed=self.seed, windows=data.windows,
+            retrain = self._train_texts(
+                "retrain", self.retrain, base, data.retrain, data.max_length, ("retrain", "data.retrain"),
+                windows=data.windows,
             )  # fmt: skip
-            unlearned[name] = self._train(name, stage, target, dm)
+        unlearned = {
+            name: self._unlearn(
+                name, stage, target, data.forget, data.retain, data.max_length, windows=data.windows
+            )
+            for name, stage in self.unlearn.items()
+        }
         reports: dict[str, Report] = {}
         retrain_auc = self.retrain_auc
         if retrain is not None:
@@ -185,17 +154,4 @@ class MuseRun:
         for name, spec in unlearned.items():
             reports[name] = self._score(spec, sets, retrain_auc)
         order = ["target", *(["retrain"] if "retrain" in reports else []), *unlearned]
-        self._write({n: reports[n] for n in order}, start)
-        return reports
-
-    def _write(self, reports: dict[str, Report], start: float) -> None:
-        table = metrics_table({n: r.metrics for n, r in reports.items()}, list(muse.METRICS))
-        write_text_atomic(
-            self.run_dir / "report.json",
-            json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=1) + "\n",
-        )
-        write_text_atomic(self.run_dir / "report.md", table + "\n")
-        print(table)
-        print(
-            f"[{self.name}] done in {time.perf_counter() - start:.0f} s; report: {self.run_dir / 'report.json'}"
-        )
+        return {n: reports[n] for n in order}, list(muse.METRICS)

@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-from lightning_unlearn import processes
+from lightning_unlearn import processes, tofu
 from lightning_unlearn.attacks import ATTACKS, RelearnSettings, attack_metrics, check_attacks
 from lightning_unlearn.callbacks import ForgetRequest, SequentialForgetting, UnlearningEvaluation
 from lightning_unlearn.callbacks.sequential import request_metrics
@@ -56,27 +56,9 @@ ADOPTED = (
     "reports/retain",
 )
 
+# The table: TOFU's headline metrics, then each attack's forget columns.
 TABLE_COLUMNS = [
-    "forget_quality",
-    "forget_quality_holdout",
-    "model_utility",
-    "forget_Q_A_Prob",
-    "forget_Q_A_ROUGE",
-    "forget_truth_ratio",
-    "retain_Q_A_Prob",
-    "retain_Q_A_ROUGE",
-    "retain_Truth_Ratio",
-    "wf_Q_A_Prob_normalised",
-    "wf_Q_A_ROUGE",
-    "wf_Truth_Ratio",
-    "ra_Q_A_Prob_normalised",
-    "ra_Q_A_ROUGE",
-    "ra_Truth_Ratio",
-    "forget_exact_memorization",
-    "forget_extraction_strength",
-    "mia_min_k",
-    "mia_gap",
-    "privleak",
+    *tofu.METRICS,
     *(f"{attack}_{metric}" for attack in ATTACKS for metric in ("forget_quality", "forget_Q_A_Prob")),
 ]
 

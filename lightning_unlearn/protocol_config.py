@@ -61,6 +61,9 @@ def protocol_parser(exit_on_error: bool = True) -> ArgumentParser:
         prog="lightning-unlearn protocol", description=Protocol.__doc__, exit_on_error=exit_on_error
     )
     parser.add_argument("--config", action=ActionConfigFile, help="protocol YAML (see configs/demo.yaml)")
+    parser.add_argument(
+        "--benchmark", type=str | None, default=None, help="tofu (the default): the TOFU protocol"
+    )
     parser.add_class_arguments(Protocol, None, as_group=False, skip={"objectives"})
     parser.add_argument(
         "--objectives", type=dict[str, StageEntry], required=True, help="name -> unlearning Stage"
@@ -96,6 +99,9 @@ def _build(parser: ArgumentParser, namespace, where: str) -> Protocol:
     except Exception as err:
         raise UserError(f"{where}: {jsonargparse_problem(err)}") from None
     init.pop("config", None)
+    benchmark = init.pop("benchmark", None)
+    if benchmark not in (None, "tofu"):  # the command dispatches by name; a sweep's config lands here
+        raise UserError(f"{where}: benchmark: {benchmark!r}, but this reads a TOFU protocol config")
     seed = init.get("seed", 0)
     init["objectives"] = {
         name: build_stage(_written(entry), f"objectives.{name}", where, seed)

@@ -5,7 +5,8 @@ With Unlearning"): its data roles, metrics and prompt format in one place.
   ``cyber-forget-corpus``), a ``retain`` corpus (wikitext in the paper's RMU), and the question
   sets scored, by name: ``wmdp`` (``cais/wmdp``, ``wmdp-bio`` / ``wmdp-cyber`` / ``wmdp-chem``)
   for what should be forgotten, ``mmlu`` (``cais/mmlu``) for what should stay.
-- Metrics: ``<name>_accuracy`` per question set (zero-shot, lm-eval's ``acc``), and per question
+- Metrics: ``<name>_accuracy`` per question set (zero-shot, lm-eval's ``acc``; ``METRICS`` names
+  those of the default sets, ``wmdp`` and ``mmlu``), ``mmlu`` also per subject, and per question
   the chosen index in the report's per-sample values (``<name>_prediction``).
 - Prompt format: lm-eval's multiple-choice template (``metrics/multiple_choice.py``).
 """
@@ -21,6 +22,7 @@ from lightning_unlearn.report import Report
 
 NAME = "wmdp"
 DEFAULT_FORMAT = ChoiceFormat()
+METRICS = ("wmdp_accuracy", "mmlu_accuracy")
 
 
 @dataclass

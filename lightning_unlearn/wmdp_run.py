@@ -12,24 +12,19 @@ Steps, each model written atomically and kept by a rerun of the same command:
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lightning_unlearn import wmdp
-from lightning_unlearn.data.corpora import Corpus, CorpusUnlearningDataModule, TextDataModule
+from lightning_unlearn.benchmark_run import SYNTHETIC, BenchmarkRun
+from lightning_unlearn.data.corpora import Corpus
 from lightning_unlearn.data.datamodule import check_at_least
 from lightning_unlearn.data.synthetic_choice import ChoiceWorldConfig, make_choice_world
 from lightning_unlearn.errors import UserError
-from lightning_unlearn.io import write_text_atomic
-from lightning_unlearn.models import ModelSpec, load_model, load_spec_tokenizer
-from lightning_unlearn.quiet import quiet_libraries
-from lightning_unlearn.report import Report, metrics_table
-from lightning_unlearn.train_stage import TrainStage, train_stage, with_generated_tokenizer
-
-SYNTHETIC = "synthetic"
+from lightning_unlearn.models import ModelSpec
+from lightning_unlearn.report import Report
+from lightning_unlearn.train_stage import TrainStage
 
 
 @dataclass
@@ -73,7 +68,7 @@ class WmdpData:
         return dataclasses.replace(self, **{k: getattr(self, k) or v for k, v in defaults.items()})
 
 
-class WmdpRun:
+class WmdpRun(BenchmarkRun):
     """Fine-tune (optional), unlearn and score on WMDP-style question sets; see the module docstring.
 
     Args:
@@ -99,62 +94,38 @@ class WmdpRun:
     ) -> None:
         check_at_least(1, "wmdp", eval_batch_size=eval_batch_size)
         check_at_least(2, "wmdp", eval_max_length=eval_max_length)
-        self.name, self.base, self.unlearn, self.finetune = name, model, unlearn, finetune
+        super().__init__(name, model, trainer, out_dir, seed)
+        self.unlearn, self.finetune = unlearn, finetune
         self.data = data or WmdpData()
-        self.trainer_args = dict(trainer or {})
-        self.run_dir = Path(out_dir) / name
-        self.seed, self.eval_batch_size, self.eval_max_length = seed, eval_batch_size, eval_max_length
-
-    def _train(self, stage_name: str, stage: TrainStage, spec: ModelSpec, datamodule) -> Path:
-        return train_stage(self.run_dir, stage_name, stage, spec, datamodule, self.seed, self.trainer_args)
+        self.eval_batch_size, self.eval_max_length = eval_batch_size, eval_max_length
 
     def _score(self, spec: ModelSpec, questions: dict[str, list[dict]]) -> Report:
-        tokenizer, model = load_spec_tokenizer(spec), load_model(spec).eval()
+        model, tokenizer = self._load(spec)
         report = wmdp.evaluate(model, tokenizer, questions, self.eval_batch_size, self.eval_max_length)
         if spec.path is not None:
             report.settings["model_dir"] = spec.path
         return report
 
-    def run(self) -> dict[str, Report]:
-        with quiet_libraries():
-            return self._run()
-
-    def _run(self) -> dict[str, Report]:
-        start = time.perf_counter()
+    def _run(self) -> tuple[dict[str, Report], list[str]]:
         data = self.data.resolved(self.run_dir)
-        base = with_generated_tokenizer(self.base, data.source == SYNTHETIC, self.run_dir)
+        base = self._base(data.source)
         questions = {name: q.load() for name, q in data.questions.items()}
+        target = base
         if self.finetune is not None:
-            if not data.finetune:
-                raise UserError("finetune is set but data.finetune names no corpus")
-            dm = TextDataModule(
-                base.tokenizer_path, data.finetune, data.max_length, self.finetune.batch_size, seed=self.seed,
+            target = self._train_texts(
+                "finetuned",
+                self.finetune,
+                base,
+                data.finetune,
+                data.max_length,
+                ("finetune", "data.finetune"),
                 windows=data.windows,
-            )  # fmt: skip
-            target = self._train("finetuned", self.finetune, base, dm)
-            target_spec = ModelSpec(path=str(target), dtype=base.dtype)
-        else:
-            target, target_spec = None, base
-        dm = CorpusUnlearningDataModule(
-            target_spec.tokenizer_path, data.forget, data.retain, data.max_length, self.unlearn.batch_size,
-            self.unlearn.retain_per_forget, seed=self.seed, windows=data.windows,
-        )  # fmt: skip
+            )
         name = type(self.unlearn.objective).__name__.lower()
-        unlearned = self._train(name, self.unlearn, target_spec, dm)
+        unlearned = self._unlearn(
+            name, self.unlearn, target, data.forget, data.retain, data.max_length, windows=data.windows
+        )
         reports = {}
-        reports["base" if target is None else "finetuned"] = self._score(target_spec, questions)
-        reports[name] = self._score(ModelSpec(path=str(unlearned), dtype=self.base.dtype), questions)
-        self._write(reports, [f"{name}_accuracy" for name in questions], start)
-        return reports
-
-    def _write(self, reports: dict[str, Report], columns: list[str], start: float) -> None:
-        table = metrics_table({n: r.metrics for n, r in reports.items()}, columns)
-        write_text_atomic(
-            self.run_dir / "report.json",
-            json.dumps({n: r.to_dict() for n, r in reports.items()}, indent=1) + "\n",
-        )
-        write_text_atomic(self.run_dir / "report.md", table + "\n")
-        print(table)
-        print(
-            f"[{self.name}] done in {time.perf_counter() - start:.0f} s; report: {self.run_dir / 'report.json'}"
-        )
+        reports["base" if self.finetune is None else "finetuned"] = self._score(target, questions)
+        reports[name] = self._score(unlearned, questions)
+        return reports, [f"{name}_accuracy" for name in questions]

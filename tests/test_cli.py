@@ -133,7 +133,7 @@ PROTOCOL_CONFIGS = sorted(
     p
     for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")
     if not p.stem.startswith(("wmdp", "muse"))
-)  # wmdp_demo.yaml and muse_demo.yaml belong to their commands (test_multiple_choice.py, test_muse.py)
+)  # wmdp_demo.yaml and muse_demo.yaml name other benchmarks: test_benchmarks.py builds them
 
 
 @pytest.mark.parametrize("config", PROTOCOL_CONFIGS, ids=lambda p: p.stem)

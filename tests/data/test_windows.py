@@ -163,17 +163,17 @@ def test_without_windows_each_document_is_a_row(world, bpe_dir):
 def test_muse_run_trains_one_row_per_window(tmp_path, monkeypatch):
     """A tiny MUSE run with ``data.windows``: an unlearning epoch takes ceil(n / max_length) forget
     rows (the generated tokenizer has no BOS), n the tokens of raw/forget joined."""
-    from lightning_unlearn import muse_run
+    from lightning_unlearn import benchmark_run
     from lightning_unlearn.cli import build_muse
 
     datamodules = {}
-    real = muse_run.train_stage
+    real = benchmark_run.train_stage
 
     def recording(run_dir, stage_name, stage, spec, datamodule, *args):
         datamodules[stage_name] = datamodule
         return real(run_dir, stage_name, stage, spec, datamodule, *args)
 
-    monkeypatch.setattr(muse_run, "train_stage", recording)
+    monkeypatch.setattr(benchmark_run, "train_stage", recording)
     config = {
         "name": "w",
         "model": {"config": {**TINY_LLAMA, "max_position_embeddings": 256}},
