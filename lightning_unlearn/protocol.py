@@ -185,7 +185,12 @@ class EvalSettings(EvaluationSettings):
 
 
 class Protocol:
-    """Runs the TOFU protocol; each model's directory and report are written atomically."""
+    """Runs the TOFU protocol; each model's directory and report are written atomically.
+
+    ``models_from`` names a finished run of the same settings but the objectives (a protocol or
+    sweep directory, checked by its ``models.fingerprint``) whose target and retain model this run
+    links instead of training its own: new objectives, or tuned recipes, against one target.
+    """
 
     def __init__(
         self,
@@ -199,6 +204,7 @@ class Protocol:
         out_dir: str = "runs",
         seed: int = 0,
         logger: str = "csv",
+        models_from: str | None = None,
     ) -> None:
         reserved = {"finetuned", "retain"} & set(objectives)
         if reserved:
@@ -219,7 +225,7 @@ class Protocol:
         self.trainer_args = dict(trainer or {})
         check_trainer(self.trainer_args, "protocol")
         self.run_dir = Path(out_dir) / name
-        self.seed, self.logger = seed, logger
+        self.seed, self.logger, self.models_from = seed, logger, models_from
         # What a run learns as it goes: the split files and evaluation records (``prepare_data``),
         # the retain model's references (``prepare_models``), the stages' curves and ledgers.
         self.splits_dir = self.run_dir / "splits"
@@ -563,7 +569,10 @@ class Protocol:
 
     def _run(self) -> dict[str, Report]:
         start = time.perf_counter()
+        source = None if self.models_from is None else self.models_source(self.models_from, "models_from")
         self._claim_run_dir()
+        if source is not None:
+            processes.rank_zero(lambda: self.adopt_models(source))
         target, reports = self.prepare_models()
         retain_report = reports["retain"]
         self.histories, self.continual, self.continual_requests = {}, {}, {}
@@ -636,17 +645,17 @@ class Protocol:
         marker = source / MODELS_MARKER
         if not marker.is_file():
             raise UserError(
-                f"{where}: models_from: {source} has no {MODELS_MARKER} (not a run whose target and "
+                f"{where}: {source} has no {MODELS_MARKER} (not a run whose target and "
                 "retain model are finished, or one made before runs recorded it)"
             )
         if marker.read_text().strip() != self.models_fingerprint():
             raise UserError(
-                f"{where}: models_from: {source} was made with other model, fine-tune, data or "
+                f"{where}: {source} was made with other model, fine-tune, data or "
                 "evaluation settings than this protocol's"
             )
         for part in ADOPTED[:2] + ADOPTED[4:]:
             if not (source / part).is_dir():
-                raise UserError(f"{where}: models_from: {source / part} is missing")
+                raise UserError(f"{where}: {source / part} is missing")
         return source
 
     def adopt_models(self, source: Path) -> None:

@@ -168,7 +168,9 @@ class Sweep:
             for value in dim.examples():
                 self._check(dim, value)
         self.models_from = (
-            None if models_from is None else self.protocol.models_source(models_from, self.where)
+            None
+            if models_from is None
+            else self.protocol.models_source(models_from, f"{self.where}: models_from")
         )
 
     # -- settings ---------------------------------------------------------------------------------

@@ -250,3 +250,42 @@ def test_protocol_trainer_strategy_is_built_fresh_for_every_stage(tmp_path):
     ]:  # refused by fit's Trainer parser as the protocol is built, before anything trains
         with pytest.raises(UserError, match=f"^protocol: trainer.strategy: .*{message}"):
             _protocol(tmp_path, trainer={"strategy": bad})
+
+
+def test_protocol_models_from_reuses_another_runs_target(tmp_path, monkeypatch):
+    """A protocol with ``models_from`` fits only its objectives: the target and retain model (and
+    their reports) are the earlier run's; a run of other fine-tune settings is refused in one line
+    before anything is written."""
+    from lightning_unlearn.safe_load import SafeTrainer
+
+    def finetune(epochs: int) -> Stage:
+        return Stage(objective=FineTune(optimizer=_adamw(3e-3)), max_epochs=epochs, batch_size=16)
+
+    ga = {"ga": Stage(objective=GradAscent(optimizer=_adamw(1e-3)), max_epochs=1, batch_size=4)}
+    first = _protocol(tmp_path, objectives=ga, finetune=finetune(2))
+    before = first.run()
+    fitted: list[str] = []
+    fit = SafeTrainer.fit
+    monkeypatch.setattr(
+        SafeTrainer,
+        "fit",
+        lambda self, model, **k: fitted.append(type(model).__name__) or fit(self, model, **k),
+    )
+    gd = {"gd": Stage(objective=GradDiff(optimizer=_adamw(1e-3)), max_epochs=1, batch_size=4)}
+    second = _protocol(
+        tmp_path, name="second", objectives=gd, finetune=finetune(2), models_from=str(first.run_dir)
+    )
+    after = second.run()
+    assert fitted == ["GradDiff"]
+    for model in ("finetuned", "retain"):
+        assert after[model].metrics == before[model].metrics
+    assert (second.run_dir / "models" / "finetuned").resolve() == (
+        first.run_dir / "models" / "finetuned"
+    ).resolve()
+
+    third = _protocol(
+        tmp_path, name="third", objectives=gd, finetune=finetune(3), models_from=str(first.run_dir)
+    )
+    with pytest.raises(UserError, match="models_from: .*mini was made with other model, fine-tune"):
+        third.run()
+    assert not third.run_dir.exists()
