@@ -123,3 +123,18 @@ class WaitForSignal(Callback):
         self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0
     ) -> None:
         self._wait(trainer, "validation")
+
+
+def record_fits(monkeypatch) -> list[str]:
+    """The class names of the modules every ``SafeTrainer.fit`` trains from now on (the protocol's
+    and the sweep's Trainer), to tell which stages really trained."""
+    from lightning_unlearn.safe_load import SafeTrainer
+
+    fitted: list[str] = []
+    fit = SafeTrainer.fit
+    monkeypatch.setattr(
+        SafeTrainer,
+        "fit",
+        lambda self, model, **k: fitted.append(type(model).__name__) or fit(self, model, **k),
+    )
+    return fitted

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from conftest import TINY_LLAMA
+from helpers import record_fits
 from scipy.stats import ks_2samp
 
 from lightning_unlearn.data.synthetic import WorldConfig
@@ -256,7 +257,6 @@ def test_protocol_models_from_reuses_another_runs_target(tmp_path, monkeypatch):
     """A protocol with ``models_from`` fits only its objectives: the target and retain model (and
     their reports) are the earlier run's; a run of other fine-tune settings is refused in one line
     before anything is written."""
-    from lightning_unlearn.safe_load import SafeTrainer
 
     def finetune(epochs: int) -> Stage:
         return Stage(objective=FineTune(optimizer=_adamw(3e-3)), max_epochs=epochs, batch_size=16)
@@ -264,13 +264,7 @@ def test_protocol_models_from_reuses_another_runs_target(tmp_path, monkeypatch):
     ga = {"ga": Stage(objective=GradAscent(optimizer=_adamw(1e-3)), max_epochs=1, batch_size=4)}
     first = _protocol(tmp_path, objectives=ga, finetune=finetune(2))
     before = first.run()
-    fitted: list[str] = []
-    fit = SafeTrainer.fit
-    monkeypatch.setattr(
-        SafeTrainer,
-        "fit",
-        lambda self, model, **k: fitted.append(type(model).__name__) or fit(self, model, **k),
-    )
+    fitted = record_fits(monkeypatch)
     gd = {"gd": Stage(objective=GradDiff(optimizer=_adamw(1e-3)), max_epochs=1, batch_size=4)}
     second = _protocol(
         tmp_path, name="second", objectives=gd, finetune=finetune(2), models_from=str(first.run_dir)

@@ -14,13 +14,13 @@ import pytest
 import torch
 import yaml
 from conftest import TINY_LLAMA
+from helpers import record_fits
 
 from lightning_unlearn.callbacks import UnlearningEvaluation
 from lightning_unlearn.cli import main
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.pareto import pareto_front
 from lightning_unlearn.protocol import Protocol
-from lightning_unlearn.safe_load import SafeTrainer
 from lightning_unlearn.search_space import grid, parse_space
 from lightning_unlearn.sweep import BestRule, Sweep, choose_best, sweep_table
 
@@ -423,13 +423,7 @@ def test_models_from_links_the_target_of_an_earlier_run(tmp_path, monkeypatch):
     source = tmp_path / "runs" / "first"
     assert (source / "models.fingerprint").read_text().strip() == first.protocol.models_fingerprint()
 
-    fitted: list[str] = []
-    fit = SafeTrainer.fit
-    monkeypatch.setattr(
-        SafeTrainer,
-        "fit",
-        lambda self, model, **k: fitted.append(type(model).__name__) or fit(self, model, **k),
-    )
+    fitted = record_fits(monkeypatch)
     second = _sweep(tmp_path, name="second", space={"max_epochs": [2]}, models_from=str(source))
     summary = second.run()
     assert fitted == ["GradAscent"]  # only the trial trained: no FineTune of target or retain model
