@@ -66,3 +66,8 @@ smollm2-sweeps: install
 	    --protocol_overrides "{model.path: $$($(PY) -c "$(FIND_GGUF)")$(if $(wildcard $(TOFU_LOCAL)),$(comma) data.source: $(TOFU_LOCAL))}" \
 	    || exit $$?; \
 	done
+
+# The tuned recipes (configs/smollm2_recipes.yaml) on the smollm2 target: the README's recipe rows.
+.PHONY: smollm2-recipes
+smollm2-recipes: install
+	WANDB_MODE=offline $(VENV)/bin/lightning-unlearn protocol --config configs/smollm2_tofu.yaml --config configs/smollm2_recipes.yaml --model.path "$$($(PY) -c "$(FIND_GGUF)")" $(if $(wildcard $(TOFU_LOCAL)),--data.source $(TOFU_LOCAL))
