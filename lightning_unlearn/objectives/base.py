@@ -144,7 +144,9 @@ class UnlearningObjective(AdaptedModel):
             self._reference.setup(model)  # before the adapter: a copy is of the target alone
         if self.adapter_spec is not None:
             model = attach_lora(model, self.adapter_spec)
-        self.model = model
+        # from_pretrained returns a model in eval mode, and Lightning keeps each submodule's mode:
+        # without this a LoRA's dropout (or the model's own) would never run in training.
+        self.model = model.train()
         mesh = self._device_mesh  # set by ModelParallelStrategy: shard with FSDP2
         if mesh is not None:
             fully_shard_model(self.model, mesh)

@@ -7,6 +7,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_LLAMA
 from helpers import build, first_batch, hf_nll, sgd_step
 from transformers import PreTrainedModel
 
@@ -238,3 +239,23 @@ def test_activation_checkpointing_recomputes_layers_and_keeps_the_gradients(
     for name, grad in grads[False].items():
         assert "lora_A" in name or grad.abs().max() > 0  # A's gradient is 0 while B is at its init 0
         torch.testing.assert_close(grads[True][name], grad, rtol=1e-6, atol=1e-8)
+
+
+def test_the_trained_model_is_in_train_mode_so_dropout_runs(tmp_path, tokenizer_dir, unlearning_data):
+    """A model from from_pretrained is in eval mode and Lightning keeps each submodule's mode: the
+    objective puts it in train mode, so a LoRA's dropout changes the loss between two identical
+    forwards (and eval mode, as the Evaluator sets, makes them equal again)."""
+    batch = first_batch(unlearning_data)
+    from lightning_unlearn.models import load_model
+
+    load_model(ModelSpec(config=dict(TINY_LLAMA), tokenizer=tokenizer_dir)).save_pretrained(tmp_path)
+    spec = ModelSpec(path=str(tmp_path), tokenizer=tokenizer_dir)  # from_pretrained: eval mode
+    ga = build(GradAscent, spec, adapter=LoraSpec(r=4, alpha=8, dropout=0.5))
+    assert ga.model.training and all(m.training for m in ga.model.modules())
+    with torch.no_grad():
+        for name, weight in ga.model.named_parameters():  # B starts at 0: the LoRA path would add 0
+            if "lora_B" in name:
+                weight.normal_()
+        assert not torch.equal(ga.training_step(batch, 0), ga.training_step(batch, 0))
+        ga.model.eval()
+        torch.testing.assert_close(ga.training_step(batch, 0), ga.training_step(batch, 0), rtol=0, atol=0)
