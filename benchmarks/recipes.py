@@ -36,10 +36,14 @@ def evaluations(summary: dict) -> list[tuple[dict, dict]]:
 
 
 def best(candidates: list[tuple[dict, dict]]) -> tuple[dict, dict] | None:
-    """Highest forget_quality; ties to the earlier trial, then the earlier step (fewer updates)."""
+    """Highest forget_quality; a tie to the higher model_utility (as the sweeps' rule breaks it),
+    then to the earlier trial and step (fewer updates)."""
     top = None
     for trial, e in candidates:
-        if top is None or e["forget_quality"] > top[1]["forget_quality"]:
+        if top is None or (e["forget_quality"], e["model_utility"]) > (
+            top[1]["forget_quality"],
+            top[1]["model_utility"],
+        ):
             top = (trial, e)
     return top
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from lightning_unlearn.callbacks import UnlearningEvaluation
+from lightning_unlearn.callbacks.evaluation import BEST_EVALUATION, beats
 from lightning_unlearn.errors import UserError
 from lightning_unlearn.io import atomic_directory, remove_path, write_text_atomic
 from lightning_unlearn.models import ModelSpec, load_adapter, load_model
@@ -48,7 +49,7 @@ class BestRule:
     (lowest with ``mode: min``) among those whose every ``min_ratio`` metric is at least that
     fraction of the target's, the target being each trial's step-0 evaluation (the model before
     any update). ``metric`` is any report key, e.g. ``forget_quality`` or, where the evaluation
-    reports it, ``forget_quality_holdout``. Ties go to the earlier trial, then the earlier step."""
+    reports it, ``forget_quality_holdout``. A tie goes to the higher first ``min_ratio`` metric, then the earlier trial and step."""
 
     metric: str = "forget_quality"
     mode: str = "max"
@@ -63,23 +64,27 @@ class BestRule:
             _number(evaluation.get(m)) and evaluation[m] >= r * start[m] for m, r in self.min_ratio.items()
         )
 
-    def better(self, value: float, than: float | None) -> bool:
-        return than is None or (value > than if self.mode == "max" else value < than)
+    def beats(self, evaluation: dict[str, float], best: dict[str, float] | None) -> bool:
+        """Better by ``metric``; a tie goes to the higher first ``min_ratio`` metric (``beats``)."""
+        return beats(evaluation, best, self.metric, self.mode, next(iter(self.min_ratio), None))
 
 
 def choose_best(trials: list[dict], rule: BestRule) -> dict | None:
     """The rule's evaluation over finished trials (``state`` COMPLETE) as ``{"trial": number,
     "name", "settings", "evaluation"}``, or None when no evaluation meets the constraints. A
     trial's first evaluation, the model before unlearning, is the constraints' reference only."""
-    best, best_value = None, None
+    best = None
     for trial in sorted(trials, key=lambda t: t["number"]):
         evaluations = trial.get("evaluations") or []
         if trial["state"] != "COMPLETE" or not evaluations:
             continue
         for evaluation in evaluations[1:]:  # the first is the model before unlearning
-            value = evaluation.get(rule.metric)
-            if _number(value) and rule.allows(evaluation, evaluations[0]) and rule.better(value, best_value):
-                best_value = value
+            held = None if best is None else best["evaluation"]
+            if (
+                _number(evaluation.get(rule.metric))
+                and rule.allows(evaluation, evaluations[0])
+                and rule.beats(evaluation, held)
+            ):
                 best = {k: trial[k] for k in ("number", "name", "settings")} | {"evaluation": evaluation}
     return best
 
@@ -459,9 +464,13 @@ class Sweep:
         """The chosen trial's kept model (its callback kept the rule's evaluation within the trial)
         as a plain model directory: an adapter is merged into the target."""
         kept = self.run_dir / "trials" / best["name"] / "best"
-        trial = json.loads((self.run_dir / "trials" / best["name"] / "history.json").read_text())
         chosen = best["evaluation"]["step"]
-        kept_step = _kept_step(trial, self.best)
+        recorded = kept / BEST_EVALUATION  # the step the callback kept (a trial of older code: none)
+        if recorded.is_file():
+            kept_step = json.loads(recorded.read_text())["step"]
+        else:
+            trial = json.loads((self.run_dir / "trials" / best["name"] / "history.json").read_text())
+            kept_step = _kept_step(trial, self.best)
         if kept_step != chosen:  # the rule within one trial is the callback's: they must agree
             raise RuntimeError(f"{best['name']} kept step {kept_step}, the rule chose step {chosen}")
         directory = self.run_dir / "best"

@@ -223,8 +223,10 @@ HANDMADE = [
     _trial(1, "FAIL", [_eval(0, 0.01, 0.70), _eval(2, 0.95, 0.70)]),
     # trial 2: reaches 0.80 at 0.667 = 0.953x the target's utility, allowed
     _trial(2, "COMPLETE", [_eval(0, 0.01, 0.70), _eval(2, 0.30, 0.69), _eval(4, 0.80, 0.667)]),
-    # trial 3: 0.80 too, at an allowed utility, but later than trial 2: the tie goes to trial 2
+    # trial 3: 0.80 too, with more utility than trial 2's: the tie goes to trial 3
     _trial(3, "COMPLETE", [_eval(0, 0.01, 0.70), _eval(1, 0.80, 0.70)]),
+    # trial 5: 0.80 at 0.70, a tie with trial 3 on both: the earlier trial keeps it
+    _trial(5, "COMPLETE", [_eval(0, 0.01, 0.70), _eval(1, 0.80, 0.70)]),
     # trial 4: 0.90 at 0.66 = 0.943x, refused under 0.95x
     _trial(4, "COMPLETE", [_eval(0, 0.01, 0.70), _eval(2, 0.90, 0.66)]),
 ]
@@ -235,7 +237,7 @@ def test_best_rule_on_a_handmade_sweep(tmp_path):
     path.write_text(json.dumps({"trials": HANDMADE}))
     trials = json.loads(path.read_text())["trials"]
     best = choose_best(trials, BestRule(metric="forget_quality", min_ratio={"model_utility": 0.95}))
-    assert (best["name"], best["evaluation"]["step"]) == ("trial002", 4)
+    assert (best["name"], best["evaluation"]["step"]) == ("trial003", 1)
     # no constraint: the highest forget quality anywhere in a finished trial
     best = choose_best(trials, BestRule(metric="forget_quality", min_ratio={}))
     assert (best["name"], best["evaluation"]["step"]) == ("trial000", 3)
@@ -468,3 +470,20 @@ def test_protocol_overrides_set_dotted_protocol_keys(tmp_path):
     assert tuned.fingerprint() != plain.fingerprint()
     with pytest.raises(UserError, match="sweeps/mini.yaml: protocol_overrides: .*'name' is 'mini'"):
         _sweep(tmp_path, protocol_overrides={"name.x": 1})
+
+
+def test_a_tie_on_the_metric_goes_to_the_higher_constrained_metric():
+    """The callback and the sweep break ties alike: by the first min_ratio metric, else the one held."""
+    from lightning_unlearn.callbacks.evaluation import beats
+
+    held = {"forget_quality": 0.77, "model_utility": 0.35}
+    assert beats(
+        {"forget_quality": 0.77, "model_utility": 0.38}, held, "forget_quality", "max", "model_utility"
+    )
+    assert not beats(
+        {"forget_quality": 0.77, "model_utility": 0.35}, held, "forget_quality", "max", "model_utility"
+    )
+    assert not beats({"forget_quality": 0.77, "model_utility": 0.38}, held, "forget_quality", "max", None)
+    assert beats(
+        {"forget_quality": 0.76, "model_utility": 0.1}, held, "forget_quality", "min", "model_utility"
+    )

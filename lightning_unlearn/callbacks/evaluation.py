@@ -21,6 +21,21 @@ from lightning_unlearn.models import load_spec_tokenizer
 from lightning_unlearn.report import Report
 
 DEFAULT_SPLITS = {"forget": "forget01_perturbed", "retain": "retain_perturbed"}
+# Beside a kept best model: the evaluation it is (its step), for whoever exports it later.
+BEST_EVALUATION = "evaluation.json"
+
+
+def beats(entry: dict, best: dict | None, monitor: str, mode: str, tie: str | None) -> bool:
+    """``entry`` is better than ``best`` by ``monitor`` (higher with ``mode`` max); on a tie, by a
+    higher ``tie`` metric (the first ``min_ratio`` one: model utility in the shipped rules). A KS
+    p-value over a few dozen questions takes few distinct values, so two checkpoints often tie on
+    forget quality; the one that kept more utility is the better model. Else the earlier stays."""
+    if best is None:
+        return True
+    value, held = entry[monitor], best[monitor]
+    if value != held:
+        return value > held if mode == "max" else value < held
+    return tie is not None and entry.get(tie, -math.inf) > best.get(tie, -math.inf)
 
 
 class UnlearningEvaluation(Callback):
@@ -201,9 +216,10 @@ class UnlearningEvaluation(Callback):
             raise UserError(f"min_ratio names unknown metric(s) {unknown}: choose from {', '.join(start)}")
         if not all(entry[m] >= r * start[m] for m, r in self.min_ratio.items()):  # nan fails
             return
-        better = self.best is None or (
-            value > self.best[self.monitor] if self.mode == "max" else value < self.best[self.monitor]
-        )
-        if better:
+        if beats(entry, self.best, self.monitor, self.mode, next(iter(self.min_ratio), None)):
             self.best = entry
             pl_module.export(self.best_dirpath, merge=False)  # every rank gathers, rank 0 writes
+            if trainer.is_global_zero:
+                write_text_atomic(
+                    Path(self.best_dirpath) / BEST_EVALUATION, json.dumps(entry, indent=1) + "\n"
+                )
