@@ -41,6 +41,7 @@ LOCK = ".lock"  # held while a process runs the sweep
 # rerun on resume, unlike a trial a kill interrupted.
 ERROR = "error"
 CONTINUES = "continues"  # a trial that resumed a preempted one: that trial's name
+POINT = "point"  # a grid trial's settings
 
 
 @dataclass
@@ -235,7 +236,8 @@ class Sweep:
             )
 
     def fingerprint(self) -> str:
-        """What the trials depend on; ``n_trials`` is left out so a tpe sweep can be extended."""
+        """What the trials depend on; ``n_trials`` is left out so a tpe sweep can be extended, and
+        a grid's values so it can grow (its keys stay)."""
         return settings_fingerprint(
             {
                 "protocol": self.protocol.settings(objectives=False),
@@ -245,7 +247,9 @@ class Sweep:
                     stage_entry(self.entry, f"objectives.{self.objective_name}", self.protocol.seed),
                     list(self.space),
                 ),
-                "space": self.space,
+                # A grid may grow: more values for its keys add points, the finished ones stay
+                # valid (each trial records its own settings). TPE models the space it was given.
+                "space": sorted(self.space) if self.sampler == "grid" else self.space,
                 "sampler": self.sampler,
                 "startup_trials": self.startup_trials,
                 "seed": self.seed,
@@ -348,7 +352,9 @@ class Sweep:
         queue = self.points if self.points is not None else interrupted
         for params in queue:
             if _key(params) not in covered:
-                study.enqueue_trial(params)
+                # A grid trial takes its point as given: Optuna's distributions are fixed per
+                # study, a grid's values are not (it may grow). TPE's suggest records the params.
+                study.enqueue_trial(params, user_attrs={POINT: params} if self.points is not None else None)
                 covered.add(_key(params))
         trials = study.get_trials(deepcopy=False)
         if self.points is not None:
@@ -382,7 +388,10 @@ class Sweep:
         print(f"[{self.name}] {name}: continues {earlier}, preempted", flush=True)
 
     def _objective(self, trial) -> float:
-        settings = {dim.key: dim.suggest(trial) for dim in self.dims}
+        if POINT in trial.user_attrs:  # a grid point
+            settings = dict(trial.user_attrs[POINT])
+        else:
+            settings = {dim.key: dim.suggest(trial) for dim in self.dims}
         name = _trial_name(trial.number)
         print(f"[{self.name}] {name}: {settings}", flush=True)
         earlier, spent = self.preempted.pop(_key(settings), (None, 0.0))

@@ -161,6 +161,17 @@ def test_killed_sweep_reruns_only_unfinished_trials(tmp_path, monkeypatch):
     again = _sweep(tmp_path).run()  # nothing left to run
     assert trained == [] and again["best"] == summary["best"]
 
+    # A grid grows: a new learning rate adds its two points; the finished trials are kept as they were.
+    lr = "objective.init_args.optimizer.init_args.lr"
+    grown = _sweep(tmp_path, space={lr: [1e-4, 1e-2, 3e-3], "max_epochs": [1, 2]}).run()
+    assert len(trained) == 2 and grown["trials"][: len(again["trials"])] == again["trials"]
+    assert sorted((t["settings"][lr], t["settings"]["max_epochs"]) for t in grown["trials"][-2:]) == [
+        (3e-3, 1),
+        (3e-3, 2),
+    ]
+    other_keys = _sweep(tmp_path, space={lr: [1e-4, 1e-2]}).fingerprint()
+    assert other_keys != _sweep(tmp_path).fingerprint()  # other keys: another sweep
+
 
 def test_changed_sweep_settings_are_refused(tmp_path):
     (tmp_path / "runs/sw").mkdir(parents=True)
