@@ -247,7 +247,7 @@ def test_offsets_score_the_first_answer_word_that_prompt_length_drops():
 
 
 @pytest.mark.parametrize("path", ["runs/smollm2_tofu/models/finetuned", "./model", "~/nope/model", "m.gguf"])
-def test_missing_local_model_path_is_named_not_looked_up_on_the_hub(path, monkeypatch):
+def test_missing_local_model_path_is_named_not_looked_up_on_the_hub(path, monkeypatch, tmp_path):
     """A relative path such as the protocol's output directory, before the protocol made it, is a
     local path: the error names it and says how it comes to exist (no hub lookup, which would
     fail with "Repo id must be in the form ...")."""
@@ -257,6 +257,7 @@ def test_missing_local_model_path_is_named_not_looked_up_on_the_hub(path, monkey
         raise AssertionError("looked up on the hub")
 
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", no_hub)
+    monkeypatch.chdir(tmp_path)  # a checkout that ran `make smollm2` has the first path
     with pytest.raises(UserError, match=f"model path '{path}' does not exist: train or export"):
         load_tokenizer(path)
 
