@@ -46,15 +46,10 @@ from lightning_unlearn.trainer_args import trainer_arguments
 
 # A finished target and retain model (and their reports) record their settings here.
 MODELS_MARKER = "models.fingerprint"
-# What a run of the same settings may link instead of training and evaluating again.
-ADOPTED = (
-    "models/finetuned",
-    "models/retain",
-    "models/finetuned_adapter",
-    "models/retain_adapter",
-    "reports/finetuned",
-    "reports/retain",
-)
+# What a run of the same settings links instead of training and evaluating again; a LoRA
+# fine-tune (the deployed-adapter setting) also keeps its adapters apart.
+ADOPTED = ("models/finetuned", "models/retain", "reports/finetuned", "reports/retain")
+ADOPTED_IF_PRESENT = ("models/finetuned_adapter", "models/retain_adapter")
 
 # The table: TOFU's headline metrics, then each attack's forget columns.
 TABLE_COLUMNS = [
@@ -653,7 +648,7 @@ class Protocol:
                 f"{where}: {source} was made with other model, fine-tune, data or "
                 "evaluation settings than this protocol's"
             )
-        for part in ADOPTED[:2] + ADOPTED[4:]:
+        for part in ADOPTED:
             if not (source / part).is_dir():
                 raise UserError(f"{where}: {source / part} is missing")
         return source
@@ -663,9 +658,9 @@ class Protocol:
         (checked by ``models_source``), so the sweeps of several objectives start from one target
         instead of fine-tuning one each. They are linked, not copied (a full fine-tune is the
         model's size), so ``source`` must stay where it is."""
-        for part in ADOPTED:
+        for part in ADOPTED + ADOPTED_IF_PRESENT:
             link, target = self.run_dir / part, source / part
-            if not target.is_dir() or link.is_symlink():  # adapters: a LoRA fine-tune only; linked: a rerun
+            if not target.is_dir() or link.is_symlink():  # no LoRA fine-tune; or linked by a rerun
                 continue
             link.parent.mkdir(parents=True, exist_ok=True)
             link.symlink_to(target, target_is_directory=True)
