@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import re
 import types
@@ -51,7 +52,12 @@ def describe(value: Any, depth: int = 0) -> Any:
     factories and their closures) that is the same in every process that builds the same
     settings: what the protocol fingerprints to know a run directory is its own. Plain objects
     are described by their public attributes down to ``depth`` 8 (a cycle ends there), then by
-    their repr without addresses."""
+    their repr without addresses.
+
+    A dataclass field or an objective's attribute left at its constructor's default is left out:
+    a release that adds a setting (at a default that keeps the old behaviour) then leaves earlier
+    runs resumable. The fingerprint covers what the user chose; the code, its defaults included,
+    is the release's, as the losses themselves are."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Path):
@@ -62,7 +68,11 @@ def describe(value: Any, depth: int = 0) -> Any:
         items = [describe(v, depth) for v in value]
         return sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: describe(getattr(value, f.name), depth) for f in dataclasses.fields(value)}
+        fields = {
+            f.name: describe(getattr(value, f.name), depth)
+            for f in dataclasses.fields(value)
+            if not _is_default(getattr(value, f.name), f.default)
+        }
         return {"type": _name(type(value)), **fields}
     if isinstance(value, functools.partial):
         return {
@@ -76,13 +86,44 @@ def describe(value: Any, depth: int = 0) -> Any:
         cells = (getattr(value, "__closure__", None) or ()) if depth < 8 else ()
         return {"callable": _name(value), "closure": [describe(c.cell_contents, depth + 1) for c in cells]}
     if hasattr(value, "__dict__") and depth < 8:  # an objective: its public settings, not its weights
-        public = {k: v for k, v in vars(value).items() if not k.startswith("_") and k not in _STATE}
+        defaults = _init_defaults(type(value))
+        public = {
+            k: v
+            for k, v in vars(value).items()
+            if not k.startswith("_") and k not in _STATE and not _is_default(v, defaults.get(k, _NONE))
+        }
         return {"type": _name(type(value)), **{k: describe(v, depth + 1) for k, v in sorted(public.items())}}
     return re.sub(r" at 0x[0-9a-f]+", "", repr(value))
 
 
 # Attributes of an objective that are state filled in while it runs, not settings.
 _STATE = {"model", "reference_model", "reference_cache", "training", "model_spec"}
+
+
+_NONE = object()  # no default
+
+
+@functools.cache
+def _init_defaults(cls: type) -> dict[str, Any]:
+    """Each constructor parameter's default, the most derived class's first (SimNPO's own
+    ``forget_weight`` over the base's): the value an attribute of that name holds when unset."""
+    defaults: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if not isinstance(init, types.FunctionType):
+            continue
+        for name, param in inspect.signature(init).parameters.items():
+            if param.default is not inspect.Parameter.empty:
+                defaults.setdefault(name, param.default)
+    return defaults
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """Whether a plain value equals its default: None, a bool or a string of the same type, or a
+    number of equal value (YAML's ``0`` for a float default is that default; ``True`` is not 1)."""
+    if isinstance(value, (int, float)) and isinstance(default, (int, float)):
+        return isinstance(value, bool) == isinstance(default, bool) and value == default
+    return type(value) is type(default) and isinstance(value, (type(None), str)) and value == default
 
 
 def _name(obj: Any) -> str:

@@ -59,8 +59,12 @@ class UnlearningObjective(AdaptedModel):
             (``cached`` where the objective allows it, else ``adapter_off`` with an adapter, else
             ``copy``). Only built if the objective uses a reference.
         optimizer: optimiser factory (LightningCLI ``class_path``/``init_args``).
-        lr_schedule: a transformers scheduler name (``constant``, ``linear``, ``cosine``...).
+        lr_schedule: a transformers scheduler name (``constant``, ``constant_with_warmup``,
+            ``linear``, ``cosine``...). ``constant`` has no warm-up, so a warm-up asks for another.
         warmup_ratio: fraction of the total steps spent warming up.
+        warmup_steps: steps spent warming up, instead of ``warmup_ratio``. A count does not depend
+            on the run's length, so a recipe stopped early (``trainer.max_steps``) at constant
+            learning rate after warm-up trains exactly the first steps of the longer run.
         activation_checkpointing: keep only each decoder layer's input from the forward pass and
             recompute the rest during backward (transformers' non-reentrant checkpointing): the
             activations of a long sequence stop scaling with depth, for about one extra forward.
@@ -98,6 +102,7 @@ class UnlearningObjective(AdaptedModel):
         optimizer: OptimizerCallable = adamw,
         lr_schedule: str = "constant",
         warmup_ratio: float = 0.0,
+        warmup_steps: int = 0,
         activation_checkpointing: bool = False,
         stop_on_nonfinite: bool = True,
     ) -> None:
@@ -120,10 +125,18 @@ class UnlearningObjective(AdaptedModel):
             raise UserError(f"lr_schedule must be one of {', '.join(schedules)}, got {lr_schedule!r}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise UserError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if warmup_steps < 0:
+            raise UserError(f"warmup_steps must not be negative, got {warmup_steps}")
+        if warmup_ratio and warmup_steps:
+            raise UserError("set warmup_ratio or warmup_steps, not both")
+        if (warmup_ratio or warmup_steps) and lr_schedule == "constant":
+            # transformers' constant schedule ignores num_warmup_steps: the warm-up would be lost.
+            raise UserError("lr_schedule 'constant' has no warm-up; use 'constant_with_warmup'")
         self.forget_weight, self.retain_weight = forget_weight, retain_weight
         default = "cached" if self.cacheable else "adapter_off" if adapter is not None else "copy"
         self.reference_policy = reference or default
-        self.optimizer_factory, self.lr_schedule, self.warmup_ratio = optimizer, lr_schedule, warmup_ratio
+        self.optimizer_factory, self.lr_schedule = optimizer, lr_schedule
+        self.warmup_ratio, self.warmup_steps = warmup_ratio, warmup_steps
         self.activation_checkpointing = activation_checkpointing
         self.stop_on_nonfinite = stop_on_nonfinite
         self._reference: Reference = REFERENCES[self.reference_policy]()
@@ -349,7 +362,7 @@ class UnlearningObjective(AdaptedModel):
         scheduler = get_scheduler(
             self.lr_schedule,
             optimizer,
-            num_warmup_steps=int(self.warmup_ratio * total),
+            num_warmup_steps=self.warmup_steps or int(self.warmup_ratio * total),
             num_training_steps=total,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -259,3 +259,48 @@ def test_the_trained_model_is_in_train_mode_so_dropout_runs(tmp_path, tokenizer_
         assert not torch.equal(ga.training_step(batch, 0), ga.training_step(batch, 0))
         ga.model.eval()
         torch.testing.assert_close(ga.training_step(batch, 0), ga.training_step(batch, 0), rtol=0, atol=0)
+
+
+class _LearningRates(L.Callback):
+    """The learning rate each optimiser step runs at."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _rates(spec, datamodule, max_steps: int, **schedule) -> list[float]:
+    lr = _LearningRates()
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, callbacks=[lr], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    optimizer = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    trainer.fit(GradDiff(model=spec, optimizer=optimizer, **schedule), datamodule=datamodule)
+    return lr.rates
+
+
+def test_warmup_steps_make_a_shorter_run_the_start_of_the_longer_one(tiny_spec, unlearning_data):
+    """transformers' constant_with_warmup: lr * step / warmup, then lr. With ``warmup_steps`` a
+    run stopped at step 3 (a recipe's ``trainer.max_steps``) is the first 3 steps of a 6-step run;
+    with ``warmup_ratio`` the warm-up is a share of each run's own length, so it is not."""
+    steps = {"lr_schedule": "constant_with_warmup", "warmup_steps": 2}
+    assert _rates(tiny_spec, unlearning_data, 6, **steps) == pytest.approx([0.0, 0.05, 0.1, 0.1, 0.1, 0.1])
+    assert _rates(tiny_spec, unlearning_data, 3, **steps) == pytest.approx([0.0, 0.05, 0.1])
+    ratio = {"lr_schedule": "constant_with_warmup", "warmup_ratio": 0.5}
+    assert _rates(tiny_spec, unlearning_data, 6, **ratio)[:3] == pytest.approx([0.0, 1 / 30, 2 / 30])
+    assert _rates(tiny_spec, unlearning_data, 3, **ratio) == pytest.approx([0.0, 0.1, 0.1])
+
+
+def test_a_warmup_needs_a_schedule_that_has_one(tiny_spec):
+    """transformers' ``constant`` schedule ignores the warm-up: asking for one there is an error,
+    not a run without it."""
+    with pytest.raises(UserError, match="'constant' has no warm-up; use 'constant_with_warmup'"):
+        GradDiff(model=tiny_spec, warmup_ratio=0.1)
+    with pytest.raises(UserError, match="'constant' has no warm-up"):
+        GradDiff(model=tiny_spec, warmup_steps=3)
+    with pytest.raises(UserError, match="not both"):
+        GradDiff(model=tiny_spec, lr_schedule="linear", warmup_ratio=0.1, warmup_steps=3)
+    with pytest.raises(UserError, match="warmup_steps must not be negative"):
+        GradDiff(model=tiny_spec, lr_schedule="linear", warmup_steps=-1)
