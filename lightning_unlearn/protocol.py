@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -539,13 +540,22 @@ class Protocol:
         return {**settings, "trainer": self.trainer_args, "seed": self.seed}
 
     def _claim_run_dir(self) -> None:
-        """Resume only a run of these very settings: ``settings.fingerprint`` in the run directory
-        must match, else stop before touching anything (a changed config needs another name)."""
-        processes.rank_zero(lambda: self._claim(settings_fingerprint(self.settings())))
+        """Resume only a run of these very settings, else stop before touching anything (a changed
+        config needs another name). ``settings.fingerprint`` holds every setting but the
+        objectives; each objective has its own (``stages/<name>.fingerprint``, written when it
+        starts), so adding an objective to a run trains only that one, and changing one that
+        already ran is refused."""
+        processes.rank_zero(lambda: self._claim(self.models_fingerprint()))
 
     def _claim(self, fingerprint: str) -> None:
         marker = self.run_dir / "settings.fingerprint"
         if marker.is_file() and marker.read_text().strip() == fingerprint:
+            changed = [n for n, stage in self.objectives.items() if self._stage_changed(n, stage)]
+            if changed:
+                raise UserError(
+                    f"{self.run_dir}: objective '{changed[0]}' ran there with other settings: give "
+                    "the changed objective another name, or delete that directory"
+                )
             print(f"[{self.name}] resuming {self.run_dir}: finished stages are kept", flush=True)
             return
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
@@ -554,6 +564,16 @@ class Protocol:
                 "give the protocol another name or out_dir, or delete that directory"
             )
         write_text_atomic(marker, fingerprint + "\n")
+
+    def _stage_marker(self, name: str) -> Path:
+        return self.run_dir / "stages" / f"{name}.fingerprint"
+
+    def _claim_stage(self, name: str, stage: Stage) -> None:
+        write_text_atomic(self._stage_marker(name), settings_fingerprint(stage) + "\n")
+
+    def _stage_changed(self, name: str, stage: Stage) -> bool:
+        marker = self._stage_marker(name)
+        return marker.is_file() and marker.read_text().strip() != settings_fingerprint(stage)
 
     def run(self) -> dict[str, Report]:
         """Run every stage and return the reports by model name; also writes report.json/.md.
@@ -573,6 +593,7 @@ class Protocol:
         self.histories, self.continual, self.continual_requests = {}, {}, {}
         for name, stage in self.objectives.items():
             check_preempted()  # a signal while a stage was finishing: stop before the next one
+            processes.rank_zero(functools.partial(self._claim_stage, name, stage))
             unlearned = self._unlearn(name, stage, target)
             reports[name] = self._evaluate(name, unlearned)
         processes.rank_zero(lambda: self._write_outputs(reports, retain_report, start))

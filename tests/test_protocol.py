@@ -283,3 +283,30 @@ def test_protocol_models_from_reuses_another_runs_target(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="models_from: .*mini was made with other model, fine-tune"):
         third.run()
     assert not third.run_dir.exists()
+
+
+def test_an_objective_added_to_a_finished_run_is_the_only_one_trained(tmp_path, monkeypatch):
+    """Each objective is fingerprinted on its own: adding one to a finished run fits only it and
+    keeps the others' reports; changing one that already ran is refused in one line, with nothing
+    written, while the run's other settings are unchanged."""
+    finetune = Stage(objective=FineTune(optimizer=_adamw(3e-3)), max_epochs=2, batch_size=16)
+
+    def ga(lr: float) -> Stage:
+        return Stage(objective=GradAscent(optimizer=_adamw(lr)), max_epochs=1, batch_size=4)
+
+    gd = Stage(objective=GradDiff(optimizer=_adamw(1e-3)), max_epochs=1, batch_size=4)
+    before = _protocol(tmp_path, objectives={"ga": ga(1e-3)}, finetune=finetune).run()
+    fitted = record_fits(monkeypatch)
+    grown = _protocol(tmp_path, objectives={"ga": ga(1e-3), "gd": gd}, finetune=finetune)
+    after = grown.run()
+    assert fitted == ["GradDiff"]
+    assert after["ga"].metrics == before["ga"].metrics
+    assert set(after) == {"finetuned", "retain", "ga", "gd"}
+    assert sorted(p.name for p in (grown.run_dir / "stages").iterdir()) == ["ga.fingerprint", "gd.fingerprint"]
+
+    files = {p: p.read_bytes() for p in grown.run_dir.rglob("*") if p.is_file()}
+    changed = _protocol(tmp_path, objectives={"ga": ga(2e-3), "gd": gd}, finetune=finetune)
+    with pytest.raises(UserError, match=r"mini: objective 'ga' ran there with other settings"):
+        changed.run()
+    assert fitted == ["GradDiff"]
+    assert {p: p.read_bytes() for p in grown.run_dir.rglob("*") if p.is_file()} == files
