@@ -59,7 +59,7 @@ smollm2: install
 # Tune each objective on the smollm2 target (configs/sweeps/smollm2/; run `make smollm2` first: the
 # sweeps start from its target). Each sweep resumes when rerun; SWEEPS picks some.
 .PHONY: smollm2-sweeps
-SWEEPS ?= me_gd npo simnpo idk_ap kl_teacher wga rmu gd
+SWEEPS ?= me_gd npo simnpo idk_ap kl_teacher wga rmu rmu_steer gd
 smollm2-sweeps: install
 	for s in $(SWEEPS); do \
 	  WANDB_MODE=offline $(VENV)/bin/lightning-unlearn sweep --config configs/sweeps/smollm2/$$s.yaml \
