@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,10 +17,21 @@ def _umask() -> int:
     return mask
 
 
+def _remove_stale(path: Path) -> None:
+    """Remove the temp files and directories an earlier writer of ``path`` left beside it when it
+    was killed before its rename (``tempfile``'s names: ``.<name>.`` and 8 characters), so a
+    resumed run ends with the files of one that was never killed. One process writes a path."""
+    stale = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}")
+    for sibling in path.parent.iterdir():
+        if stale.fullmatch(sibling.name):
+            remove_path(sibling)
+
+
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to a temp file beside ``path``, fsync, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -47,6 +59,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temp directory to fill; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
