@@ -68,7 +68,7 @@ def load_histories(run_dir: Path) -> dict[str, list[dict]]:
         return json.loads((run_dir / "history.json").read_text())
     summary = json.loads(sweep.read_text())
     return {
-        f"{summary['objective']}/{t['name']}": t["evaluations"]
+        f"{summary['name']}/{t['name']}": t["evaluations"]
         for t in summary["trials"]
         if t["state"] == "COMPLETE"
     }

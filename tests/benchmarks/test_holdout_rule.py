@@ -48,5 +48,8 @@ def test_a_sweep_gives_one_history_per_finished_trial(tmp_path):
         {"name": "trial000", "state": "COMPLETE", "evaluations": evaluations},
         {"name": "trial001", "state": "FAIL", "evaluations": evaluations[:1]},  # killed, rerun later
     ]
-    (tmp_path / "sweep.json").write_text(json.dumps({"objective": "npo", "trials": trials}))
-    assert load_histories(tmp_path) == {"npo/trial000": evaluations}
+    # Named by the sweep, not its objective: two sweeps of one objective (RMU at two steering
+    # coefficients) keep their trials apart.
+    summary = {"name": "smollm2_npo", "objective": "npo", "trials": trials}
+    (tmp_path / "sweep.json").write_text(json.dumps(summary))
+    assert load_histories(tmp_path) == {"smollm2_npo/trial000": evaluations}
