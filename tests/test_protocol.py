@@ -302,7 +302,10 @@ def test_an_objective_added_to_a_finished_run_is_the_only_one_trained(tmp_path, 
     assert fitted == ["GradDiff"]
     assert after["ga"].metrics == before["ga"].metrics
     assert set(after) == {"finetuned", "retain", "ga", "gd"}
-    assert sorted(p.name for p in (grown.run_dir / "stages").iterdir()) == ["ga.fingerprint", "gd.fingerprint"]
+    assert sorted(p.name for p in (grown.run_dir / "stages").iterdir()) == [
+        "ga.fingerprint",
+        "gd.fingerprint",
+    ]
 
     files = {p: p.read_bytes() for p in grown.run_dir.rglob("*") if p.is_file()}
     changed = _protocol(tmp_path, objectives={"ga": ga(2e-3), "gd": gd}, finetune=finetune)
