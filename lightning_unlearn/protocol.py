@@ -529,8 +529,9 @@ class Protocol:
         )  # fmt: skip
 
     def settings(self, objectives: bool = True) -> dict[str, Any]:
-        """What a run's results depend on (the fingerprinted settings); a sweep leaves out the
-        objectives, which it replaces trial by trial."""
+        """What a run's results depend on. Fingerprints take them without the objectives (a run's
+        ``settings.fingerprint`` and ``models.fingerprint``; a sweep replaces the objectives trial
+        by trial), and each objective is fingerprinted on its own (``stages/<name>.fingerprint``)."""
         names = (
             ("base", "finetune", "objectives", "data", "evaluation")
             if objectives
